@@ -1,0 +1,49 @@
+//! `[experiment]`: what the study is called, where its outputs go, its seed and its backend.
+
+use serde::{Deserialize, Serialize};
+
+/// Which burn backend trains the stages. `auto` picks CUDA, then wgpu, then the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSection {
+    /// Names the run directory `<output_dir>/<name>/`; letters, digits, `-`, `_`, `.` only.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_backend")]
+    pub backend: BackendChoice,
+    /// Relative to the working directory xrun is started from.
+    #[serde(default = "default_output_dir")]
+    pub output_dir: String,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_backend() -> BackendChoice {
+    BackendChoice::Cpu
+}
+fn default_output_dir() -> String {
+    "reports".into()
+}
+
+/// A run-directory name must be one path component that every filesystem accepts.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}

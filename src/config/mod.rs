@@ -1,0 +1,368 @@
+//! The experiment file: parse the TOML (keeping every key's place), apply `--set` overrides, check every
+//! value, and hand out an `Experiment` whose sections hold only valid values.
+//!
+//! Errors are collected, not returned one at a time: a serde error is recorded with its span, the entry
+//! it names is blanked out of the text (offsets preserved) and the file parsed again, so one run of
+//! `xrun validate` lists every unknown key, wrong type and bad range at once.
+
+pub mod data;
+mod diagnostic;
+pub mod experiment;
+pub mod model;
+pub mod train;
+mod validate;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml_edit::{ImDocument, Item};
+
+use data::DataSection;
+pub use diagnostic::{suggest, ConfigErrors, Diagnostic, Origin};
+use experiment::ExperimentSection;
+use model::{ModelSection, TokenizerSection};
+use train::{EvalSection, FinetuneSection, Optim, PretrainSection, FINETUNE_LR, PRETRAIN_LR};
+
+/// The whole file as serde sees it. Unknown sections and keys are errors.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDoc {
+    pub experiment: ExperimentSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub tokenizer: TokenizerSection,
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub pretrain: PretrainSection,
+    #[serde(default)]
+    pub finetune: FinetuneSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+/// A checked experiment: every value in range, every input file present.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    /// The experiment file as given on the command line.
+    pub file: PathBuf,
+    /// Folder every data path is relative to (`data.root`, `XRUN_DATA_ROOT` or `--set data.root`).
+    pub data_root: PathBuf,
+    pub raw: RawDoc,
+}
+
+impl Experiment {
+    pub fn run_dir(&self) -> PathBuf {
+        Path::new(&self.raw.experiment.output_dir).join(&self.raw.experiment.name)
+    }
+
+    pub fn data_path(&self, p: &str) -> PathBuf {
+        self.data_root.join(p)
+    }
+
+    pub fn pretrain_optim(&self) -> Optim {
+        self.raw.pretrain.optim.resolve(PRETRAIN_LR)
+    }
+
+    pub fn finetune_optim(&self) -> Optim {
+        self.raw.finetune.optim.resolve(FINETUNE_LR)
+    }
+
+    /// The file as it ran: overrides applied, defaults written out.
+    pub fn resolved_toml(&self) -> String {
+        let mut out = format!(
+            "# Resolved by xrun {} from {}\n# data root: {}\n\n",
+            env!("CARGO_PKG_VERSION"),
+            self.file.display(),
+            self.data_root.display()
+        );
+        out.push_str(&toml::to_string_pretty(&self.raw).unwrap_or_default());
+        out
+    }
+}
+
+/// Reads, overrides and checks an experiment file. `sets` are `KEY=VALUE` strings.
+pub fn load(file: &Path, sets: &[String]) -> Result<Experiment, ConfigErrors> {
+    let source = std::fs::read_to_string(file).map_err(|e| ConfigErrors {
+        file: file.to_path_buf(),
+        source: String::new(),
+        diagnostics: vec![Diagnostic::new(
+            format!("cannot read the experiment file: {e}"),
+            Origin::Nowhere,
+        )],
+    })?;
+    let mut diags = Vec::new();
+    let parsed = parse_collecting(&source, &mut diags);
+    let doc = source.parse::<ImDocument<String>>().ok();
+    let places = Places { doc, sets };
+    let exp = parsed.and_then(|raw| {
+        let raw = apply_sets(raw, sets, &mut diags);
+        validate::check(file, raw, &places, &mut diags)
+    });
+    match exp {
+        Some(exp) if diags.is_empty() => Ok(exp),
+        _ => Err(ConfigErrors {
+            file: file.to_path_buf(),
+            source,
+            diagnostics: diags,
+        }),
+    }
+}
+
+/// Deserializes `source`, recording each serde error and retrying without the entry it names.
+fn parse_collecting(source: &str, diags: &mut Vec<Diagnostic>) -> Option<RawDoc> {
+    let mut text = source.to_string();
+    let mut blanked: Vec<String> = Vec::new();
+    for _ in 0..64 {
+        let doc = match text.parse::<ImDocument<String>>() {
+            Ok(doc) => doc,
+            Err(e) => {
+                let origin = e.span().map_or(Origin::Nowhere, Origin::File);
+                diags.push(Diagnostic::new(
+                    format!("invalid TOML: {}", e.message().trim()),
+                    origin,
+                ));
+                return None;
+            }
+        };
+        let entries = entries(&doc);
+        let err = match toml_edit::de::from_document::<RawDoc>(doc) {
+            Ok(raw) => return diags.is_empty().then_some(raw),
+            Err(e) => e,
+        };
+        let entry = err.span().and_then(|s| innermost(&entries, &s));
+        let message = err.message().trim().to_string();
+        if let Some(field) = missing_field(&message) {
+            // A required key we blanked after its own error: already reported.
+            if blanked.iter().any(|b| b == field) {
+                return None;
+            }
+        }
+        let origin = match (&entry, err.span()) {
+            (Some(e), _) => Origin::File(e.key_span.clone().unwrap_or(e.range.clone())),
+            (None, Some(span)) => Origin::File(span),
+            (None, None) => Origin::Nowhere,
+        };
+        let path = entry.map(|e| e.path.join(".")).unwrap_or_default();
+        diags.push(humanize(&message, &path, origin));
+        match entry {
+            Some(e) => {
+                blanked.push(e.path.last().cloned().unwrap_or_default());
+                blank_lines(&mut text, &e.range);
+            }
+            None => return None,
+        }
+    }
+    None
+}
+
+/// One key of the document with the bytes its key and value take.
+struct Entry {
+    path: Vec<String>,
+    key_span: Option<Range<usize>>,
+    range: Range<usize>,
+}
+
+fn entries(doc: &ImDocument<String>) -> Vec<Entry> {
+    let mut out = Vec::new();
+    walk(doc.as_table(), &mut Vec::new(), &mut out);
+    out
+}
+
+fn walk(table: &dyn toml_edit::TableLike, prefix: &mut Vec<String>, out: &mut Vec<Entry>) {
+    for (key, item) in table.iter() {
+        let Some((k, _)) = table.get_key_value(key) else {
+            continue;
+        };
+        prefix.push(key.to_string());
+        let start = out.len();
+        if let Some(sub) = item.as_table_like() {
+            walk(sub, prefix, out);
+        }
+        let mut spans: Vec<Range<usize>> = k.span().into_iter().chain(item.span()).collect();
+        spans.extend(out[start..].iter().map(|e| e.range.clone()));
+        if let (Some(lo), Some(hi)) = (
+            spans.iter().map(|s| s.start).min(),
+            spans.iter().map(|s| s.end).max(),
+        ) {
+            out.push(Entry {
+                path: prefix.clone(),
+                key_span: k.span(),
+                range: lo..hi,
+            });
+        }
+        prefix.pop();
+    }
+}
+
+fn innermost<'a>(entries: &'a [Entry], span: &Range<usize>) -> Option<&'a Entry> {
+    entries
+        .iter()
+        .filter(|e| e.range.start <= span.start && span.start < e.range.end.max(span.start + 1))
+        .min_by_key(|e| e.range.len())
+}
+
+/// Replaces whole lines with spaces, keeping every byte offset and line number.
+fn blank_lines(text: &mut String, range: &Range<usize>) {
+    let start = text[..range.start].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[range.end.min(text.len())..]
+        .find('\n')
+        .map_or(text.len(), |i| range.end + i);
+    let blanked: String = text[start..end]
+        .bytes()
+        .map(|b| {
+            if b == b'\n' || b == b'\r' {
+                b as char
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    text.replace_range(start..end, &blanked);
+}
+
+fn missing_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+}
+
+/// Turns serde's wording into ours and adds a "did you mean".
+fn humanize(message: &str, path: &str, origin: Origin) -> Diagnostic {
+    let quoted = |s: &str| -> Vec<String> {
+        s.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    let section = path.rsplit_once('.').map_or("", |(s, _)| s);
+    let in_section = if section.is_empty() {
+        "at the top level".to_string()
+    } else {
+        format!("in [{section}]")
+    };
+    for (prefix, what) in [
+        ("unknown field", "unknown key"),
+        ("unknown variant", "unknown value"),
+    ] {
+        if message.starts_with(prefix) {
+            let names = quoted(message);
+            let (bad, known) = names.split_first().map_or(("", &[][..]), |(b, k)| (b, k));
+            let help = suggest(bad, known.iter().map(String::as_str)).or_else(|| {
+                (!known.is_empty()).then(|| format!("expected one of: {}", known.join(", ")))
+            });
+            let msg = if what == "unknown key" {
+                format!("{what} `{bad}` {in_section}")
+            } else {
+                format!("{what} `{bad}` for `{path}`")
+            };
+            return Diagnostic::new(msg, origin).with_help(help);
+        }
+    }
+    if let Some(field) = missing_field(message) {
+        let msg = if path.is_empty() {
+            format!("missing section [{field}]")
+        } else {
+            format!("missing key `{field}` in [{path}]")
+        };
+        return Diagnostic::new(msg, origin);
+    }
+    let msg = if path.is_empty() {
+        message.to_string()
+    } else {
+        format!("`{path}`: {message}")
+    };
+    Diagnostic::new(msg, origin)
+}
+
+/// Applies `--set KEY=VALUE` one at a time, so each bad one is reported against itself.
+fn apply_sets(raw: RawDoc, sets: &[String], diags: &mut Vec<Diagnostic>) -> RawDoc {
+    let mut raw = raw;
+    for arg in sets {
+        let origin = Origin::Set(arg.clone());
+        let Some((key, value)) = arg.split_once('=') else {
+            diags.push(Diagnostic::new("expected KEY=VALUE", origin));
+            continue;
+        };
+        let path: Vec<&str> = key.trim().split('.').collect();
+        let value = parse_value(value.trim());
+        let Ok(mut tree) = toml::Value::try_from(&raw) else {
+            continue;
+        };
+        if let Err(msg) = set_path(&mut tree, &path, value) {
+            diags.push(Diagnostic::new(msg, origin));
+            continue;
+        }
+        match tree.try_into::<RawDoc>() {
+            Ok(next) => raw = next,
+            Err(e) => {
+                let d = humanize(e.message().trim(), key.trim(), origin);
+                diags.push(d);
+            }
+        }
+    }
+    raw
+}
+
+/// `1e-3` → float, `[1, 2]` → array, `ar` → the string "ar".
+fn parse_value(text: &str) -> toml::Value {
+    format!("v = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+fn set_path(tree: &mut toml::Value, path: &[&str], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut node = tree;
+    for (i, part) in parents.iter().enumerate() {
+        let table = node
+            .as_table_mut()
+            .ok_or_else(|| format!("`{}` is not a table", parents[..i].join(".")))?;
+        node = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    let table = node
+        .as_table_mut()
+        .ok_or_else(|| format!("`{}` is not a table", parents.join(".")))?;
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Finds where a key's value came from, for errors found after parsing.
+pub struct Places<'a> {
+    doc: Option<ImDocument<String>>,
+    sets: &'a [String],
+}
+
+impl Places<'_> {
+    pub fn of(&self, path: &str) -> Origin {
+        let set = self.sets.iter().rev().find(|s| {
+            s.split_once('=').is_some_and(|(k, _)| {
+                k.trim() == path || path.starts_with(&format!("{}.", k.trim()))
+            })
+        });
+        if let Some(s) = set {
+            return Origin::Set(s.clone());
+        }
+        let Some(doc) = &self.doc else {
+            return Origin::Nowhere;
+        };
+        let mut item: &Item = doc.as_item();
+        for part in path.split('.') {
+            match item.get(part) {
+                Some(next) => item = next,
+                None => return Origin::Nowhere,
+            }
+        }
+        item.span().map_or(Origin::Nowhere, Origin::File)
+    }
+
+    pub fn is_set(&self, path: &str) -> bool {
+        !matches!(self.of(path), Origin::Nowhere)
+    }
+}

@@ -1,0 +1,206 @@
+//! `[pretrain]`, `[finetune]` (each with its `optim` table) and `[eval]`: the training budgets and the
+//! optimiser. Both stages share one `OptimSection`, so one set of keys means the same thing everywhere.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Masked language modelling (BERT): 15% of tokens selected, 80/10/10 mask/random/keep.
+    Mlm,
+    /// Autoregressive next-token prediction with a causal mask.
+    Ar,
+    /// No pretraining: fine-tune a randomly initialised backbone.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Linear warm-up, then linear decay to zero.
+    Linear,
+    /// Linear warm-up, then half-cosine decay to zero.
+    Cosine,
+    /// Linear warm-up, then constant.
+    Constant,
+}
+
+/// AdamW with warm-up, decay and gradient clipping. Every field has a default.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    pub lr: Option<f64>,
+    pub betas: Option<[f64; 2]>,
+    pub eps: Option<f64>,
+    pub weight_decay: Option<f64>,
+    /// Fraction of the total steps spent warming up (default 0.06).
+    pub warmup_fraction: Option<f64>,
+    pub schedule: Option<Schedule>,
+    /// Clip the global gradient norm to this value; 0 turns clipping off.
+    pub clip_norm: Option<f64>,
+}
+
+/// `OptimSection` with every default filled in; the stage decides the default learning rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Optim {
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_fraction: f64,
+    pub schedule: Schedule,
+    pub clip_norm: f64,
+}
+
+impl OptimSection {
+    pub fn resolve(&self, default_lr: f64) -> Optim {
+        Optim {
+            lr: self.lr.unwrap_or(default_lr),
+            betas: self.betas.unwrap_or([0.9, 0.999]),
+            eps: self.eps.unwrap_or(1e-8),
+            weight_decay: self.weight_decay.unwrap_or(0.01),
+            warmup_fraction: self.warmup_fraction.unwrap_or(0.06),
+            schedule: self.schedule.unwrap_or(Schedule::Linear),
+            clip_norm: self.clip_norm.unwrap_or(1.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSection {
+    #[serde(default = "default_objective")]
+    pub objective: Objective,
+    /// Budget in optimiser steps; give `steps` or `epochs`, not both (default: 500 steps).
+    pub steps: Option<usize>,
+    pub epochs: Option<usize>,
+    #[serde(default = "default_pretrain_batch")]
+    pub batch_size: usize,
+    /// MLM: share of (non-special) tokens selected for prediction.
+    #[serde(default = "default_mask_prob")]
+    pub mask_prob: f64,
+    /// Share of the corpus held out for validation loss and perplexity.
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// Validate every this many steps (and at the end).
+    #[serde(default = "default_eval_every")]
+    pub eval_every: usize,
+    #[serde(default)]
+    pub optim: OptimSection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectMetric {
+    Accuracy,
+    MacroF1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// `last` for an `ar` backbone (its `[CLS]` sees nothing), `cls` otherwise.
+    Auto,
+    Cls,
+    Mean,
+    Last,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSection {
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    #[serde(default = "default_finetune_batch")]
+    pub batch_size: usize,
+    /// Stop after this many epochs without a better dev score (0: never stop early).
+    #[serde(default = "default_patience")]
+    pub patience: usize,
+    #[serde(default = "default_select")]
+    pub select_metric: SelectMetric,
+    #[serde(default = "default_pooling")]
+    pub pooling: Pooling,
+    #[serde(default)]
+    pub optim: OptimSection,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+}
+
+impl Default for PretrainSection {
+    fn default() -> Self {
+        Self {
+            objective: default_objective(),
+            steps: None,
+            epochs: None,
+            batch_size: default_pretrain_batch(),
+            mask_prob: default_mask_prob(),
+            validation_fraction: default_validation_fraction(),
+            eval_every: default_eval_every(),
+            optim: OptimSection::default(),
+        }
+    }
+}
+
+impl Default for FinetuneSection {
+    fn default() -> Self {
+        Self {
+            epochs: default_epochs(),
+            batch_size: default_finetune_batch(),
+            patience: default_patience(),
+            select_metric: default_select(),
+            pooling: default_pooling(),
+            optim: OptimSection::default(),
+        }
+    }
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            batch_size: default_eval_batch(),
+        }
+    }
+}
+
+pub const PRETRAIN_LR: f64 = 5e-4;
+pub const FINETUNE_LR: f64 = 2e-4;
+pub const DEFAULT_PRETRAIN_STEPS: usize = 500;
+
+fn default_objective() -> Objective {
+    Objective::Mlm
+}
+fn default_pretrain_batch() -> usize {
+    32
+}
+fn default_mask_prob() -> f64 {
+    0.15
+}
+fn default_validation_fraction() -> f64 {
+    0.05
+}
+fn default_eval_every() -> usize {
+    100
+}
+fn default_epochs() -> usize {
+    10
+}
+fn default_finetune_batch() -> usize {
+    32
+}
+fn default_patience() -> usize {
+    3
+}
+fn default_select() -> SelectMetric {
+    SelectMetric::Accuracy
+}
+fn default_pooling() -> Pooling {
+    Pooling::Auto
+}
+fn default_eval_batch() -> usize {
+    64
+}

@@ -1,0 +1,243 @@
+//! Checks that serde cannot express: ranges, cross-field rules and input files that must exist.
+//! Each rule is a small function that pushes a diagnostic pointing at the key to change.
+
+use std::path::{Path, PathBuf};
+
+use super::data::SourceSpec;
+use super::experiment::valid_name;
+use super::model::TokenizerKind;
+use super::train::{Objective, OptimSection};
+use super::{Diagnostic, Experiment, Places, RawDoc};
+
+struct Checker<'a> {
+    places: &'a Places<'a>,
+    diags: &'a mut Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, path: &str, message: String) {
+        let origin = self.places.of(path);
+        self.diags.push(Diagnostic::new(message, origin));
+    }
+
+    fn require(&mut self, ok: bool, path: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.fail(path, message());
+        }
+    }
+
+    fn at_least(&mut self, path: &str, value: usize, min: usize) {
+        self.require(value >= min, path, || {
+            format!("`{path}` must be at least {min}, got {value}")
+        });
+    }
+
+    fn in_range(&mut self, path: &str, value: f64, lo: f64, hi: f64, hi_open: bool) {
+        let ok = value.is_finite() && value >= lo && if hi_open { value < hi } else { value <= hi };
+        let bracket = if hi_open { ")" } else { "]" };
+        self.require(ok, path, || {
+            format!("`{path}` must be in [{lo}, {hi}{bracket}, got {value}")
+        });
+    }
+}
+
+pub(super) fn check(
+    file: &Path,
+    raw: RawDoc,
+    places: &Places<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Experiment> {
+    let mut c = Checker { places, diags };
+    let base = file.parent().unwrap_or(Path::new("")).to_path_buf();
+    let data_root = data_root(&base, &raw, places);
+    experiment(&mut c, &raw);
+    model(&mut c, &raw);
+    tokenizer(&mut c, &raw, &base);
+    pretrain(&mut c, &raw);
+    optim(&mut c, "pretrain.optim", &raw.pretrain.optim);
+    optim(&mut c, "finetune.optim", &raw.finetune.optim);
+    c.at_least("finetune.epochs", raw.finetune.epochs, 1);
+    c.at_least("finetune.batch_size", raw.finetune.batch_size, 1);
+    c.at_least("eval.batch_size", raw.eval.batch_size, 1);
+    data(&mut c, &raw, &data_root);
+    Some(Experiment {
+        file: file.to_path_buf(),
+        data_root,
+        raw,
+    })
+}
+
+/// `--set data.root` wins over `XRUN_DATA_ROOT`, which wins over the file's `data.root`.
+fn data_root(base: &Path, raw: &RawDoc, places: &Places<'_>) -> PathBuf {
+    let from_set = matches!(places.of("data.root"), super::Origin::Set(_));
+    match std::env::var_os("XRUN_DATA_ROOT") {
+        Some(env) if !from_set && !env.is_empty() => PathBuf::from(env),
+        _ => base.join(&raw.data.root),
+    }
+}
+
+fn experiment(c: &mut Checker, raw: &RawDoc) {
+    let name = &raw.experiment.name;
+    c.require(valid_name(name), "experiment.name", || {
+        format!("`experiment.name` = {name:?} must be non-empty and use only letters, digits, `-`, `_` and `.`")
+    });
+}
+
+fn model(c: &mut Checker, raw: &RawDoc) {
+    let m = &raw.model;
+    c.at_least("model.d_model", m.d_model, 8);
+    c.at_least("model.layers", m.layers, 1);
+    c.at_least("model.heads", m.heads, 1);
+    c.at_least("model.d_ff", m.d_ff, 1);
+    c.at_least("model.max_len", m.max_len, 8);
+    c.in_range("model.dropout", m.dropout, 0.0, 1.0, true);
+    if m.heads > 0 && m.d_model % m.heads != 0 {
+        let path = if c.places.is_set("model.heads") {
+            "model.heads"
+        } else {
+            "model.d_model"
+        };
+        c.fail(
+            path,
+            format!(
+                "`model.d_model` = {} is not divisible by `model.heads` = {}",
+                m.d_model, m.heads
+            ),
+        );
+    }
+}
+
+fn tokenizer(c: &mut Checker, raw: &RawDoc, base: &Path) {
+    let t = &raw.tokenizer;
+    c.at_least("tokenizer.vocab_size", t.vocab_size, 16);
+    if let Some(limit) = t.limit_alphabet {
+        c.at_least("tokenizer.limit_alphabet", limit, 1);
+    }
+    match (&t.kind, &t.path) {
+        (TokenizerKind::File, None) => c.fail(
+            "tokenizer.kind",
+            "`tokenizer.kind = \"file\"` needs `tokenizer.path` (a tokenizer.json)".into(),
+        ),
+        (TokenizerKind::File, Some(p)) => {
+            let full = base.join(p);
+            c.require(full.is_file(), "tokenizer.path", || {
+                format!("tokenizer file not found: {}", full.display())
+            });
+        }
+        (_, Some(_)) => c.fail(
+            "tokenizer.path",
+            "`tokenizer.path` is only read with `kind = \"file\"`".into(),
+        ),
+        _ => {}
+    }
+}
+
+fn pretrain(c: &mut Checker, raw: &RawDoc) {
+    let p = &raw.pretrain;
+    if p.objective == Objective::None {
+        return;
+    }
+    if p.steps.is_some() && p.epochs.is_some() {
+        c.fail(
+            "pretrain.epochs",
+            "give `pretrain.steps` or `pretrain.epochs`, not both".into(),
+        );
+    }
+    if let Some(steps) = p.steps {
+        c.at_least("pretrain.steps", steps, 1);
+    }
+    if let Some(epochs) = p.epochs {
+        c.at_least("pretrain.epochs", epochs, 1);
+    }
+    c.at_least("pretrain.batch_size", p.batch_size, 1);
+    c.at_least("pretrain.eval_every", p.eval_every, 1);
+    c.in_range("pretrain.mask_prob", p.mask_prob, 0.01, 1.0, true);
+    c.in_range(
+        "pretrain.validation_fraction",
+        p.validation_fraction,
+        0.0,
+        0.5,
+        false,
+    );
+    if raw.data.corpus.is_none() {
+        c.fail(
+            "pretrain.objective",
+            format!(
+                "`pretrain.objective = \"{}\"` needs an unlabeled corpus: add [data.corpus] or set objective = \"none\"",
+                objective_name(p.objective)
+            ),
+        );
+    }
+}
+
+pub fn objective_name(o: Objective) -> &'static str {
+    match o {
+        Objective::Mlm => "mlm",
+        Objective::Ar => "ar",
+        Objective::None => "none",
+    }
+}
+
+fn optim(c: &mut Checker, section: &str, o: &OptimSection) {
+    let key = |k: &str| format!("{section}.{k}");
+    if let Some(lr) = o.lr {
+        c.require(lr.is_finite() && lr > 0.0 && lr < 1.0, &key("lr"), || {
+            format!("`{section}.lr` must be in (0, 1), got {lr}")
+        });
+    }
+    if let Some([b1, b2]) = o.betas {
+        c.in_range(&key("betas"), b1, 0.0, 1.0, true);
+        c.in_range(&key("betas"), b2, 0.0, 1.0, true);
+    }
+    if let Some(eps) = o.eps {
+        c.require(eps > 0.0 && eps < 1.0, &key("eps"), || {
+            format!("`{section}.eps` must be in (0, 1), got {eps}")
+        });
+    }
+    if let Some(wd) = o.weight_decay {
+        c.in_range(&key("weight_decay"), wd, 0.0, 1.0, false);
+    }
+    if let Some(w) = o.warmup_fraction {
+        c.in_range(&key("warmup_fraction"), w, 0.0, 1.0, true);
+    }
+    if let Some(clip) = o.clip_norm {
+        c.in_range(&key("clip_norm"), clip, 0.0, f64::MAX, false);
+    }
+}
+
+fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
+    let d = &raw.data;
+    c.require(root.is_dir(), "data.root", || {
+        format!("data root is not a folder: {}", root.display())
+    });
+    let splits: [(&str, Option<&SourceSpec>, bool); 4] = [
+        ("corpus", d.corpus.as_ref(), false),
+        ("train", Some(&d.train), true),
+        ("dev", d.dev.as_ref(), true),
+        ("test", d.test.as_ref(), true),
+    ];
+    for (name, spec, labelled) in splits {
+        let Some(spec) = spec else { continue };
+        let at = format!("data.{name}.paths");
+        c.require(!spec.paths.is_empty(), &at, || {
+            format!("`data.{name}.paths` is empty")
+        });
+        if root.is_dir() {
+            for p in &spec.paths {
+                let full = root.join(p);
+                c.require(full.is_file(), &at, || {
+                    format!("data file not found: {}", full.display())
+                });
+            }
+        }
+        if labelled && spec.label.is_none() {
+            c.fail(
+                &format!("data.{name}"),
+                format!("[data.{name}] needs `label`: the field that holds each example's label"),
+            );
+        }
+        if let Some(limit) = spec.limit {
+            c.at_least(&format!("data.{name}.limit"), limit, 1);
+        }
+    }
+}

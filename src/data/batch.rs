@@ -1,0 +1,212 @@
+//! Batches of token ids: dynamic padding to the longest sequence in the batch, seeded shuffling, and the
+//! two self-supervised targets. MLM and AR differ only here (which positions are predicted, from what
+//! input) and in the attention mask.
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::tokenizer::Specials;
+
+/// Sequences padded to a common length, row-major `[batch, seq]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Padded {
+    pub ids: Vec<i32>,
+    /// `true` where a position is padding.
+    pub pad: Vec<bool>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// Positions (flat indices into `[batch * seq]`) whose token is predicted, and the token to predict.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Targets {
+    pub positions: Vec<i32>,
+    pub targets: Vec<i32>,
+}
+
+pub fn pad(seqs: &[&[u32]], pad_id: u32) -> Padded {
+    let seq = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+    let mut ids = Vec::with_capacity(seqs.len() * seq);
+    let mut pad = Vec::with_capacity(seqs.len() * seq);
+    for s in seqs {
+        ids.extend(s.iter().map(|&t| t as i32));
+        pad.extend(std::iter::repeat_n(false, s.len()));
+        ids.extend(std::iter::repeat_n(pad_id as i32, seq - s.len()));
+        pad.extend(std::iter::repeat_n(true, seq - s.len()));
+    }
+    Padded {
+        ids,
+        pad,
+        batch: seqs.len(),
+        seq,
+    }
+}
+
+/// A reproducible random stream for one purpose of one stage (`seed`, a purpose tag, a counter).
+pub fn rng(seed: u64, purpose: u64, counter: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    r.set_stream(counter);
+    r
+}
+
+/// Indices `0..n` shuffled for `epoch`, cut into batches.
+pub fn epoch_batches(n: usize, batch_size: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rng(seed, 1, epoch));
+    order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
+/// BERT's recipe: each non-special token is selected with probability `prob` (at least one per
+/// sequence); a selected token becomes `[MASK]` 80% of the time, a random token 10%, itself 10%.
+pub fn mask_mlm(
+    batch: &mut Padded,
+    specials: &Specials,
+    vocab_size: usize,
+    prob: f64,
+    rng: &mut impl Rng,
+) -> Targets {
+    let mut out = Targets::default();
+    for row in 0..batch.batch {
+        let span = row * batch.seq..(row + 1) * batch.seq;
+        let candidates: Vec<usize> = span
+            .filter(|&i| !batch.pad[i] && !specials.contains(batch.ids[i] as u32))
+            .collect();
+        let mut chosen: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|_| rng.random::<f64>() < prob)
+            .collect();
+        if chosen.is_empty() {
+            if let Some(&i) = candidates.get(rng.random_range(0..candidates.len().max(1))) {
+                chosen.push(i);
+            }
+        }
+        for i in chosen {
+            out.positions.push(i as i32);
+            out.targets.push(batch.ids[i]);
+            let roll = rng.random::<f64>();
+            if roll < 0.8 {
+                batch.ids[i] = specials.mask as i32;
+            } else if roll < 0.9 {
+                batch.ids[i] = random_token(specials, vocab_size, rng) as i32;
+            }
+        }
+    }
+    out
+}
+
+fn random_token(specials: &Specials, vocab_size: usize, rng: &mut impl Rng) -> u32 {
+    loop {
+        let t = rng.random_range(0..vocab_size as u32);
+        if !specials.contains(t) && t != specials.unk {
+            return t;
+        }
+    }
+}
+
+/// Next-token targets: position `t` predicts the token at `t + 1`, padding never predicted.
+pub fn ar_targets(batch: &Padded) -> Targets {
+    let mut out = Targets::default();
+    for row in 0..batch.batch {
+        for t in 0..batch.seq.saturating_sub(1) {
+            let next = row * batch.seq + t + 1;
+            if !batch.pad[next] {
+                out.positions.push((next - 1) as i32);
+                out.targets.push(batch.ids[next]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPECIALS: Specials = Specials {
+        pad: 0,
+        unk: 1,
+        cls: 2,
+        sep: 3,
+        mask: 4,
+    };
+
+    #[test]
+    fn padding_marks_the_tail() {
+        let b = pad(&[&[2, 7, 3], &[2, 3]], 0);
+        assert_eq!(b.ids, vec![2, 7, 3, 2, 3, 0]);
+        assert_eq!(b.pad, vec![false, false, false, false, false, true]);
+    }
+
+    #[test]
+    fn mlm_follows_the_80_10_10_recipe() {
+        let seqs: Vec<Vec<u32>> = (0..400)
+            .map(|r| {
+                let mut s = vec![2];
+                s.extend((0..100).map(|i| 5 + ((r * 7 + i * 13) % 900) as u32));
+                s.push(3);
+                s
+            })
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let original = pad(&refs, 0);
+        let mut batch = original.clone();
+        let t = mask_mlm(&mut batch, &SPECIALS, 1000, 0.15, &mut rng(7, 2, 0));
+        let candidates = 400.0 * 100.0;
+        let selected = t.positions.len() as f64;
+        assert!((selected / candidates - 0.15).abs() < 0.01, "{selected}");
+        let (mut masked, mut kept, mut random) = (0.0, 0.0, 0.0);
+        for (&p, &target) in t.positions.iter().zip(&t.targets) {
+            let p = p as usize;
+            assert_eq!(original.ids[p], target);
+            assert!(!SPECIALS.contains(original.ids[p] as u32));
+            match batch.ids[p] {
+                4 => masked += 1.0,
+                x if x == target => kept += 1.0,
+                _ => random += 1.0,
+            }
+        }
+        assert!(
+            (masked / selected - 0.8).abs() < 0.02,
+            "mask {}",
+            masked / selected
+        );
+        assert!(
+            (kept / selected - 0.1).abs() < 0.015,
+            "keep {}",
+            kept / selected
+        );
+        assert!(
+            (random / selected - 0.1).abs() < 0.015,
+            "random {}",
+            random / selected
+        );
+        // Unselected positions are untouched.
+        let changed = batch
+            .ids
+            .iter()
+            .zip(&original.ids)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(changed as f64 <= selected);
+    }
+
+    #[test]
+    fn ar_predicts_the_next_real_token() {
+        let b = pad(&[&[2, 7, 8, 3], &[2, 9, 3]], 0);
+        let t = ar_targets(&b);
+        assert_eq!(t.positions, vec![0, 1, 2, 4, 5]);
+        assert_eq!(t.targets, vec![7, 8, 3, 9, 3]);
+    }
+
+    #[test]
+    fn shuffling_is_seeded() {
+        assert_eq!(epoch_batches(10, 3, 1, 0), epoch_batches(10, 3, 1, 0));
+        assert_ne!(epoch_batches(10, 3, 1, 0), epoch_batches(10, 3, 1, 1));
+        assert_eq!(epoch_batches(10, 3, 1, 0).len(), 4);
+    }
+}

@@ -1,0 +1,132 @@
+//! Token ids for every split, and the numbers the report shows about them: sizes, skipped lines,
+//! label distribution, token lengths, truncation and the unknown-token rate.
+
+use serde::Serialize;
+
+use super::tasks::Labelled;
+use crate::data::batch::rng;
+use crate::data::{Datasets, Skipped, Split};
+use crate::tokenizer::{TextTokenizer, TokenizerError};
+use rand::seq::SliceRandom;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitStats {
+    pub name: String,
+    pub examples: usize,
+    pub skipped: usize,
+    /// The first few skipped lines, with their reasons.
+    pub skipped_lines: Vec<Skipped>,
+    pub mean_tokens: f64,
+    pub max_tokens: usize,
+    pub truncated: usize,
+    /// Share of non-special tokens that are `[UNK]`.
+    pub unk_rate: f64,
+    #[serde(skip)]
+    pub lengths: Vec<usize>,
+    /// `(label, count)` in label order; empty for the corpus.
+    pub labels: Vec<(String, usize)>,
+}
+
+pub struct Encoded {
+    pub corpus: Vec<Vec<u32>>,
+    pub train: Labelled,
+    pub dev: Option<Labelled>,
+    pub test: Option<Labelled>,
+    pub pad_id: u32,
+    pub stats: Vec<SplitStats>,
+}
+
+fn encode_split(
+    name: &str,
+    split: &Split,
+    data: &Datasets,
+    tok: &TextTokenizer,
+    max_len: usize,
+) -> Result<(Vec<Vec<u32>>, Vec<usize>, SplitStats), TokenizerError> {
+    let mut ids = Vec::with_capacity(split.examples.len());
+    let mut classes = Vec::with_capacity(split.examples.len());
+    let (mut truncated, mut unk, mut tokens) = (0, 0usize, 0usize);
+    let mut counts = vec![0usize; data.labels.len()];
+    for e in &split.examples {
+        let (seq, cut) = tok.encode(&e.text, e.text_pair.as_deref(), max_len)?;
+        truncated += usize::from(cut);
+        let body = seq.iter().filter(|&&t| !tok.specials.contains(t));
+        for &t in body {
+            tokens += 1;
+            unk += usize::from(t == tok.specials.unk);
+        }
+        if let Some(class) = e.label.as_deref().and_then(|l| data.class_of(l)) {
+            counts[class] += 1;
+            classes.push(class);
+        }
+        ids.push(seq);
+    }
+    let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let stats = SplitStats {
+        name: name.to_string(),
+        examples: ids.len(),
+        skipped: split.skipped.len(),
+        skipped_lines: split.skipped.iter().take(10).cloned().collect(),
+        mean_tokens: lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64,
+        max_tokens: lengths.iter().copied().max().unwrap_or(0),
+        truncated,
+        unk_rate: unk as f64 / tokens.max(1) as f64,
+        lengths,
+        labels: if name == "corpus" {
+            Vec::new()
+        } else {
+            data.labels.iter().cloned().zip(counts).collect()
+        },
+    };
+    Ok((ids, classes, stats))
+}
+
+pub fn encode_all(
+    data: &Datasets,
+    tok: &TextTokenizer,
+    max_len: usize,
+) -> Result<Encoded, TokenizerError> {
+    let mut stats = Vec::new();
+    let mut labelled = |name: &str, split: &Split| -> Result<Labelled, TokenizerError> {
+        let (ids, classes, s) = encode_split(name, split, data, tok, max_len)?;
+        stats.push(s);
+        Ok(Labelled { ids, classes })
+    };
+    let train = labelled("train", &data.train)?;
+    let dev = data.dev.as_ref().map(|s| labelled("dev", s)).transpose()?;
+    let test = data
+        .test
+        .as_ref()
+        .map(|s| labelled("test", s))
+        .transpose()?;
+    let corpus = match &data.corpus {
+        Some(split) => {
+            let (ids, _, s) = encode_split("corpus", split, data, tok, max_len)?;
+            stats.insert(0, s);
+            ids
+        }
+        None => Vec::new(),
+    };
+    Ok(Encoded {
+        corpus,
+        train,
+        dev,
+        test,
+        pad_id: tok.specials.pad,
+        stats,
+    })
+}
+
+/// Splits the corpus into (train, validation), the validation share drawn at random with `seed`.
+pub fn hold_out(corpus: &[Vec<u32>], fraction: f64, seed: u64) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let mut order: Vec<usize> = (0..corpus.len()).collect();
+    order.shuffle(&mut rng(seed, 4, 0));
+    let n_val = if fraction > 0.0 && corpus.len() >= 2 {
+        ((corpus.len() as f64 * fraction).ceil() as usize).clamp(1, corpus.len() - 1)
+    } else {
+        0
+    };
+    let (val, train) = order.split_at(n_val);
+    let pick = |idx: &[usize]| idx.iter().map(|&i| corpus[i].clone()).collect();
+    (pick(train), pick(val))
+}

@@ -1,0 +1,242 @@
+//! The two `Task`s the training loop runs: self-supervised pretraining (MLM or AR) and sequence
+//! classification. Both build their batches from token ids here and turn them into tensors.
+
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
+
+use crate::config::train::{Objective, SelectMetric};
+use crate::data::batch::{self, Padded, Targets};
+use crate::metrics::classification::{score, Scores};
+use crate::model::{Classifier, LmModel, Pool};
+use crate::tokenizer::Specials;
+use crate::train::{Evaluation, Task};
+
+const MASKING: u64 = 2;
+const VALIDATION_MASKING: u64 = 3;
+
+pub fn ids_tensor<B: Backend>(
+    p: &Padded,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
+    let ids = Tensor::from_data(TensorData::new(p.ids.clone(), [p.batch, p.seq]), device);
+    let pad = Tensor::from_data(TensorData::new(p.pad.clone(), [p.batch, p.seq]), device);
+    (ids, pad)
+}
+
+fn int_tensor<B: Backend>(v: &[i32], device: &B::Device) -> Tensor<B, 1, Int> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
+}
+
+pub struct PretrainTask<'a, B: Backend> {
+    pub train: &'a [Vec<u32>],
+    pub validation: &'a [Vec<u32>],
+    pub objective: Objective,
+    pub specials: Specials,
+    pub vocab_size: usize,
+    pub mask_prob: f64,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub seed: u64,
+    pub device: B::Device,
+}
+
+/// One pretraining batch: which sequences, and a counter that seeds its masking.
+pub struct LmBatch {
+    rows: Vec<usize>,
+    counter: u64,
+}
+
+impl<B: Backend> PretrainTask<'_, B> {
+    fn prepare(
+        &self,
+        seqs: &[Vec<u32>],
+        rows: &[usize],
+        purpose: u64,
+        counter: u64,
+    ) -> (Padded, Targets) {
+        let refs: Vec<&[u32]> = rows.iter().map(|&i| seqs[i].as_slice()).collect();
+        let mut padded = batch::pad(&refs, self.specials.pad);
+        let targets = match self.objective {
+            Objective::Ar => batch::ar_targets(&padded),
+            _ => {
+                let mut rng = batch::rng(self.seed, purpose, counter);
+                batch::mask_mlm(
+                    &mut padded,
+                    &self.specials,
+                    self.vocab_size,
+                    self.mask_prob,
+                    &mut rng,
+                )
+            }
+        };
+        (padded, targets)
+    }
+
+    /// Summed cross-entropy and the number of predicted tokens.
+    fn loss_on<M: Backend>(
+        model: &LmModel<M>,
+        padded: &Padded,
+        t: &Targets,
+        device: &M::Device,
+    ) -> Tensor<M, 1> {
+        let (ids, pad) = ids_tensor::<M>(padded, device);
+        let logits = model.forward(ids, pad, int_tensor::<M>(&t.positions, device));
+        CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(logits, int_tensor::<M>(&t.targets, device))
+    }
+}
+
+impl<B: AutodiffBackend> Task<B> for PretrainTask<'_, B> {
+    type Model = LmModel<B>;
+    type Batch = LmBatch;
+
+    fn batches(&self, epoch: usize) -> Vec<LmBatch> {
+        batch::epoch_batches(self.train.len(), self.batch_size, self.seed, epoch as u64)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, rows)| rows.iter().any(|&r| self.train[r].len() > 2))
+            .map(|(i, rows)| LmBatch {
+                rows,
+                counter: ((epoch as u64) << 32) | i as u64,
+            })
+            .collect()
+    }
+
+    fn loss(&self, model: &LmModel<B>, b: &LmBatch) -> Tensor<B, 1> {
+        let (padded, targets) = self.prepare(self.train, &b.rows, MASKING, b.counter);
+        Self::loss_on(model, &padded, &targets, &self.device)
+    }
+
+    fn evaluate(&self, model: &LmModel<B::InnerBackend>) -> Evaluation {
+        if self.validation.is_empty() {
+            return Evaluation::default();
+        }
+        let (mut total, mut count) = (0.0, 0usize);
+        let rows: Vec<usize> = (0..self.validation.len()).collect();
+        for (i, chunk) in rows.chunks(self.eval_batch_size).enumerate() {
+            // Fixed masking per batch, so every evaluation scores the same task.
+            let (padded, targets) =
+                self.prepare(self.validation, chunk, VALIDATION_MASKING, i as u64);
+            if targets.targets.is_empty() {
+                continue;
+            }
+            let loss = Self::loss_on(model, &padded, &targets, &self.device);
+            let n = targets.targets.len();
+            total += loss.into_scalar().elem::<f64>() * n as f64;
+            count += n;
+        }
+        let loss = total / count.max(1) as f64;
+        Evaluation {
+            score: Some(-loss),
+            metrics: vec![
+                ("validation".into(), "loss".into(), loss),
+                ("validation".into(), "perplexity".into(), loss.exp()),
+            ],
+        }
+    }
+}
+
+/// Token ids and class ids of one labelled split.
+pub struct Labelled {
+    pub ids: Vec<Vec<u32>>,
+    pub classes: Vec<usize>,
+}
+
+pub struct FinetuneTask<'a, B: Backend> {
+    pub train: &'a Labelled,
+    pub dev: Option<&'a Labelled>,
+    pub classes: usize,
+    pub pool: Pool,
+    pub pad_id: u32,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub select: SelectMetric,
+    pub seed: u64,
+    pub device: B::Device,
+}
+
+/// Predicted classes for every example of `split`, in order.
+pub fn predict<B: Backend>(
+    model: &Classifier<B>,
+    split: &Labelled,
+    pool: Pool,
+    pad_id: u32,
+    batch_size: usize,
+    device: &B::Device,
+) -> Vec<usize> {
+    let mut out = Vec::with_capacity(split.ids.len());
+    for chunk in split.ids.chunks(batch_size) {
+        let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        let (ids, pad) = ids_tensor::<B>(&batch::pad(&refs, pad_id), device);
+        let predicted = model.forward(ids, pad, pool).argmax(1).into_data();
+        let predicted = predicted.convert::<i64>();
+        out.extend(predicted.iter::<i64>().map(|c| c as usize));
+    }
+    out
+}
+
+pub fn evaluate_split<B: Backend>(
+    model: &Classifier<B>,
+    split: &Labelled,
+    classes: usize,
+    pool: Pool,
+    pad_id: u32,
+    batch_size: usize,
+    device: &B::Device,
+) -> Scores {
+    let predicted = predict(model, split, pool, pad_id, batch_size, device);
+    score(&split.classes, &predicted, classes)
+}
+
+impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
+    type Model = Classifier<B>;
+    type Batch = Vec<usize>;
+
+    fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        batch::epoch_batches(
+            self.train.ids.len(),
+            self.batch_size,
+            self.seed,
+            epoch as u64,
+        )
+    }
+
+    fn loss(&self, model: &Classifier<B>, rows: &Vec<usize>) -> Tensor<B, 1> {
+        let refs: Vec<&[u32]> = rows.iter().map(|&i| self.train.ids[i].as_slice()).collect();
+        let (ids, pad) = ids_tensor::<B>(&batch::pad(&refs, self.pad_id), &self.device);
+        let labels: Vec<i32> = rows.iter().map(|&i| self.train.classes[i] as i32).collect();
+        let logits = model.forward(ids, pad, self.pool);
+        CrossEntropyLossConfig::new()
+            .init(&self.device)
+            .forward(logits, int_tensor::<B>(&labels, &self.device))
+    }
+
+    fn evaluate(&self, model: &<Classifier<B> as AutodiffModule<B>>::InnerModule) -> Evaluation {
+        let Some(dev) = self.dev else {
+            return Evaluation::default();
+        };
+        let s = evaluate_split(
+            model,
+            dev,
+            self.classes,
+            self.pool,
+            self.pad_id,
+            self.eval_batch_size,
+            &self.device,
+        );
+        let score = match self.select {
+            SelectMetric::Accuracy => s.accuracy,
+            SelectMetric::MacroF1 => s.macro_f1,
+        };
+        Evaluation {
+            score: Some(score),
+            metrics: vec![
+                ("dev".into(), "accuracy".into(), s.accuracy),
+                ("dev".into(), "macro_f1".into(), s.macro_f1),
+            ],
+        }
+    }
+}

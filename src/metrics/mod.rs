@@ -1,0 +1,111 @@
+//! The metrics store: every record a stage emits (one row: stage, step, epoch, split, metric, value,
+//! wall time), written to `metrics.parquet` through polars, plus final results to `results.csv`.
+
+pub mod classification;
+
+use std::path::Path;
+
+use polars::prelude::*;
+use serde::Serialize;
+
+/// One measurement: e.g. (`pretrain`, step 200, `validation`, `perplexity`, 84.1).
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub stage: String,
+    pub step: u64,
+    pub epoch: u64,
+    pub split: String,
+    pub metric: String,
+    pub value: f64,
+    /// Seconds since the stage started.
+    pub wall_s: f64,
+}
+
+/// A final metric; `class` is set for per-class precision/recall/F1.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ResultRow {
+    pub split: String,
+    pub metric: String,
+    pub class: Option<String>,
+    pub value: f64,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    pub records: Vec<Record>,
+    pub results: Vec<ResultRow>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("writing {path}: {message}")]
+pub struct WriteError {
+    pub path: String,
+    pub message: String,
+}
+
+impl Store {
+    pub fn records_frame(&self) -> PolarsResult<DataFrame> {
+        let r = &self.records;
+        df!(
+            "stage" => r.iter().map(|x| x.stage.as_str()).collect::<Vec<_>>(),
+            "step" => r.iter().map(|x| x.step).collect::<Vec<_>>(),
+            "epoch" => r.iter().map(|x| x.epoch).collect::<Vec<_>>(),
+            "split" => r.iter().map(|x| x.split.as_str()).collect::<Vec<_>>(),
+            "metric" => r.iter().map(|x| x.metric.as_str()).collect::<Vec<_>>(),
+            "value" => r.iter().map(|x| x.value).collect::<Vec<_>>(),
+            "wall_s" => r.iter().map(|x| x.wall_s).collect::<Vec<_>>(),
+        )
+    }
+
+    pub fn results_frame(&self) -> PolarsResult<DataFrame> {
+        let r = &self.results;
+        df!(
+            "split" => r.iter().map(|x| x.split.as_str()).collect::<Vec<_>>(),
+            "metric" => r.iter().map(|x| x.metric.as_str()).collect::<Vec<_>>(),
+            "class" => r.iter().map(|x| x.class.as_deref()).collect::<Vec<_>>(),
+            "value" => r.iter().map(|x| x.value).collect::<Vec<_>>(),
+        )
+    }
+
+    /// Writes `metrics.parquet` and `results.csv` into `dir`, each through a temporary file and a rename.
+    pub fn write(&self, dir: &Path) -> Result<(), WriteError> {
+        let parquet = dir.join("metrics.parquet");
+        write_atomic(&parquet, |f| {
+            let mut df = self.records_frame()?;
+            ParquetWriter::new(f).finish(&mut df).map(|_| ())
+        })?;
+        let csv = dir.join("results.csv");
+        write_atomic(&csv, |f| {
+            let mut df = self.results_frame()?;
+            CsvWriter::new(f).include_header(true).finish(&mut df)
+        })
+    }
+
+    pub fn result(&self, split: &str, metric: &str) -> Option<f64> {
+        self.results
+            .iter()
+            .find(|r| r.split == split && r.metric == metric && r.class.is_none())
+            .map(|r| r.value)
+    }
+}
+
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> PolarsResult<()>,
+) -> Result<(), WriteError> {
+    let err = |message: String| WriteError {
+        path: path.display().to_string(),
+        message,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
+    write(&mut file).map_err(|e| err(e.to_string()))?;
+    file.sync_all().map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+}
+
+/// Reads `metrics.parquet` back (for tests and `xrun report`).
+pub fn read_parquet(path: &Path) -> PolarsResult<DataFrame> {
+    let file = std::fs::File::open(path)?;
+    ParquetReader::new(file).finish()
+}

@@ -1,0 +1,104 @@
+//! Heads on top of the backbone: a language-model head that scores only the positions it is asked
+//! about (masked positions for MLM, non-pad positions for AR — never the full `[batch, seq, vocab]`),
+//! and a classification head on a pooled vector.
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor};
+
+use super::INIT;
+
+/// BERT's MLM head (dense → GELU → LayerNorm → vocabulary projection), used for AR as well.
+#[derive(Module, Debug)]
+pub struct LmHead<B: Backend> {
+    pub dense: Linear<B>,
+    pub norm: LayerNorm<B>,
+    pub decoder: Linear<B>,
+}
+
+impl<B: Backend> LmHead<B> {
+    pub fn new(d_model: usize, vocab_size: usize, device: &B::Device) -> Self {
+        Self {
+            dense: LinearConfig::new(d_model, d_model)
+                .with_initializer(INIT)
+                .init(device),
+            norm: LayerNormConfig::new(d_model).init(device),
+            decoder: LinearConfig::new(d_model, vocab_size)
+                .with_initializer(INIT)
+                .init(device),
+        }
+    }
+
+    /// `hidden`: `[batch, seq, d]`; `positions`: `[n]` flat indices into `batch * seq`. Returns `[n, vocab]`.
+    pub fn forward(&self, hidden: Tensor<B, 3>, positions: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+        let [batch, seq, d] = hidden.dims();
+        let picked = hidden.reshape([batch * seq, d]).select(0, positions);
+        let h = self.norm.forward(gelu(self.dense.forward(picked)));
+        self.decoder.forward(h)
+    }
+}
+
+/// How a sequence becomes one vector for classification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// The first token (`[CLS]`).
+    First,
+    /// The last non-pad token (`[SEP]`): the only one that has seen the whole text under a causal mask.
+    Last,
+    /// The mean over non-pad tokens.
+    Mean,
+}
+
+#[derive(Module, Debug)]
+pub struct ClassifierHead<B: Backend> {
+    pub dropout: Dropout,
+    pub output: Linear<B>,
+}
+
+impl<B: Backend> ClassifierHead<B> {
+    pub fn new(d_model: usize, classes: usize, dropout: f64, device: &B::Device) -> Self {
+        Self {
+            dropout: DropoutConfig::new(dropout).init(),
+            output: LinearConfig::new(d_model, classes)
+                .with_initializer(INIT)
+                .init(device),
+        }
+    }
+
+    /// `hidden`: `[batch, seq, d]`, `pad`: `[batch, seq]`. Returns logits `[batch, classes]`.
+    pub fn forward(
+        &self,
+        hidden: Tensor<B, 3>,
+        pad: Tensor<B, 2, Bool>,
+        pool: Pool,
+    ) -> Tensor<B, 2> {
+        let pooled = pool_hidden(hidden, pad, pool);
+        self.output.forward(self.dropout.forward(pooled))
+    }
+}
+
+fn pool_hidden<B: Backend>(
+    hidden: Tensor<B, 3>,
+    pad: Tensor<B, 2, Bool>,
+    pool: Pool,
+) -> Tensor<B, 2> {
+    let [batch, seq, d] = hidden.dims();
+    let keep = pad.bool_not().float(); // [batch, seq], 1 at real tokens
+    match pool {
+        Pool::First => hidden.narrow(1, 0, 1).reshape([batch, d]),
+        Pool::Mean => {
+            let weights = keep.clone().reshape([batch, seq, 1]);
+            let summed = (hidden * weights).sum_dim(1).reshape([batch, d]);
+            summed / keep.sum_dim(1).clamp_min(1.0)
+        }
+        Pool::Last => {
+            let device = hidden.device();
+            let lengths = keep.sum_dim(1).int().reshape([batch]); // [batch]
+            let rows = Tensor::<B, 1, Int>::arange(0..batch as i64, &device) * (seq as i64);
+            let index = rows + lengths - 1;
+            hidden.reshape([batch * seq, d]).select(0, index)
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The Transformer encoder and its heads. One backbone serves both objectives: MLM reads it with
+//! bidirectional attention, AR with a causal mask; heads differ (`LmHead` on gathered positions,
+//! `ClassifierHead` on a pooled vector).
+//!
+//! Layout follows "Attention Is All You Need" (Vaswani et al., 2017, https://arxiv.org/abs/1706.03762)
+//! with BERT's learned positions (Devlin et al., 2019, https://arxiv.org/abs/1810.04805); `norm = "pre"`
+//! moves LayerNorm before each sub-layer as GPT-2 does (Radford et al., 2019).
+
+mod block;
+mod heads;
+
+use burn::module::Module;
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor};
+
+pub use block::{Block, BlockConfig};
+pub use heads::{ClassifierHead, LmHead, Pool};
+
+/// BERT's initialiser: N(0, 0.02) for embeddings and projections.
+pub const INIT: Initializer = Initializer::Normal {
+    mean: 0.0,
+    std: 0.02,
+};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackboneConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub d_ff: usize,
+    pub max_len: usize,
+    pub dropout: f64,
+    pub pre_norm: bool,
+    /// Causal self-attention (an AR backbone keeps it when fine-tuned).
+    pub causal: bool,
+}
+
+#[derive(Module, Debug)]
+pub struct Backbone<B: Backend> {
+    pub tokens: Embedding<B>,
+    pub positions: Embedding<B>,
+    /// Post-norm (BERT) normalises the embeddings; pre-norm (GPT-2) normalises the output instead.
+    pub embed_norm: Option<LayerNorm<B>>,
+    pub blocks: Vec<Block<B>>,
+    pub final_norm: Option<LayerNorm<B>>,
+    pub dropout: Dropout,
+    pub heads: usize,
+    pub causal: bool,
+}
+
+impl BackboneConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Backbone<B> {
+        let norm = || LayerNormConfig::new(self.d_model).init(device);
+        let block = BlockConfig {
+            d_model: self.d_model,
+            heads: self.heads,
+            d_ff: self.d_ff,
+            dropout: self.dropout,
+            pre_norm: self.pre_norm,
+        };
+        Backbone {
+            tokens: EmbeddingConfig::new(self.vocab_size, self.d_model)
+                .with_initializer(INIT)
+                .init(device),
+            positions: EmbeddingConfig::new(self.max_len, self.d_model)
+                .with_initializer(INIT)
+                .init(device),
+            embed_norm: (!self.pre_norm).then(norm),
+            blocks: (0..self.layers).map(|_| block.init(device)).collect(),
+            final_norm: self.pre_norm.then(norm),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            heads: self.heads,
+            causal: self.causal,
+        }
+    }
+
+    /// Trainable parameters of the backbone (embeddings, blocks, norms), counted from the shapes.
+    pub fn parameters(&self) -> usize {
+        let (d, f) = (self.d_model, self.d_ff);
+        let norm = 2 * d;
+        let block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * norm;
+        (self.vocab_size + self.max_len) * d + self.layers * block + norm
+    }
+}
+
+impl<B: Backend> Backbone<B> {
+    /// `ids`: `[batch, seq]`; `pad`: `[batch, seq]`, true at padding. Returns `[batch, seq, d_model]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
+        let [batch, seq] = ids.dims();
+        let device = ids.device();
+        let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+            .reshape([1, seq])
+            .repeat_dim(0, batch);
+        let mut x = self.tokens.forward(ids) + self.positions.forward(positions);
+        if let Some(norm) = &self.embed_norm {
+            x = norm.forward(x);
+        }
+        x = self.dropout.forward(x);
+        // Keys that are padding are hidden from every query: [batch, 1, 1, seq] → [batch, heads, seq, seq].
+        let mask = pad
+            .reshape([batch, 1, 1, seq])
+            .expand([batch, self.heads, seq, seq]);
+        for block in &self.blocks {
+            x = block.forward(x, mask.clone(), self.causal);
+        }
+        match &self.final_norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::flex::Flex;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn parameter_count_matches_burn() {
+        use burn::module::Module;
+        let cfg = config(false);
+        assert_eq!(
+            cfg.parameters(),
+            cfg.init::<Flex>(&Default::default()).num_params()
+        );
+        let pre = config(true);
+        assert_eq!(
+            pre.parameters(),
+            pre.init::<Flex>(&Default::default()).num_params()
+        );
+    }
+
+    fn config(causal: bool) -> BackboneConfig {
+        BackboneConfig {
+            vocab_size: 50,
+            d_model: 16,
+            layers: 2,
+            heads: 2,
+            d_ff: 32,
+            max_len: 16,
+            dropout: 0.0,
+            pre_norm: true,
+            causal,
+        }
+    }
+
+    fn run(model: &Backbone<Flex>, ids: Vec<i32>) -> Vec<f32> {
+        let device = Default::default();
+        let n = ids.len();
+        let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let pad =
+            Tensor::<Flex, 2, Bool>::from_data(TensorData::new(vec![false; n], [1, n]), &device);
+        model
+            .forward(ids, pad)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap()
+    }
+
+    /// Causal masking: changing a token changes no output at earlier positions.
+    #[test]
+    fn a_causal_token_never_sees_its_successor() {
+        let device = Default::default();
+        Flex::seed(&device, 3);
+        let model = config(true).init::<Flex>(&device);
+        let a = run(&model, vec![2, 10, 11, 12, 13, 3]);
+        let b = run(&model, vec![2, 10, 11, 40, 41, 3]);
+        let d = 16;
+        assert_eq!(a[..3 * d], b[..3 * d], "positions before the change moved");
+        assert_ne!(a[3 * d..4 * d], b[3 * d..4 * d]);
+    }
+
+    /// Without the causal mask the same change does reach earlier positions.
+    #[test]
+    fn bidirectional_attention_sees_everything() {
+        let device = Default::default();
+        Flex::seed(&device, 3);
+        let model = config(false).init::<Flex>(&device);
+        let a = run(&model, vec![2, 10, 11, 12, 13, 3]);
+        let b = run(&model, vec![2, 10, 11, 40, 41, 3]);
+        assert_ne!(a[..16], b[..16]);
+    }
+
+    /// Padding keys are invisible: appending pads leaves real positions unchanged.
+    #[test]
+    fn padding_is_masked() {
+        let device = Default::default();
+        Flex::seed(&device, 5);
+        let model = config(false).init::<Flex>(&device);
+        let short = run(&model, vec![2, 10, 11, 3]);
+        let ids = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![2, 10, 11, 3, 0, 0], [1, 6]),
+            &device,
+        );
+        let pad = Tensor::<Flex, 2, Bool>::from_data(
+            TensorData::new(vec![false, false, false, false, true, true], [1, 6]),
+            &device,
+        );
+        let long: Vec<f32> = model
+            .forward(ids, pad)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap();
+        for (x, y) in short.iter().zip(&long[..short.len()]) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+}
+
+/// Backbone + LM head: the pretraining model for both objectives.
+#[derive(Module, Debug)]
+pub struct LmModel<B: Backend> {
+    pub backbone: Backbone<B>,
+    pub head: LmHead<B>,
+}
+
+/// Backbone + classification head: the fine-tuned model.
+#[derive(Module, Debug)]
+pub struct Classifier<B: Backend> {
+    pub backbone: Backbone<B>,
+    pub head: ClassifierHead<B>,
+}
+
+impl<B: Backend> LmModel<B> {
+    /// Logits `[n, vocab]` at the `positions` (flat indices into `batch * seq`).
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad: Tensor<B, 2, Bool>,
+        positions: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 2> {
+        self.head
+            .forward(self.backbone.forward(ids, pad), positions)
+    }
+}
+
+impl<B: Backend> Classifier<B> {
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad: Tensor<B, 2, Bool>,
+        pool: Pool,
+    ) -> Tensor<B, 2> {
+        let hidden = self.backbone.forward(ids, pad.clone());
+        self.head.forward(hidden, pad, pool)
+    }
+}

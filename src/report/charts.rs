@@ -1,0 +1,173 @@
+//! Charts for the report, drawn with plotters' SVG backend (text stays SVG `<text>`, escaped by
+//! plotters; no font files, no scripts).
+
+use plotters::prelude::*;
+
+type Series = (String, Vec<(f64, f64)>);
+
+const SIZE: (u32, u32) = (640, 300);
+
+fn err<E: std::fmt::Debug>(e: E) -> String {
+    format!("chart: {e:?}")
+}
+
+fn bounds(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let lo = values.clone().fold(f64::INFINITY, f64::min);
+    let hi = values.fold(f64::NEG_INFINITY, f64::max);
+    if !lo.is_finite() || !hi.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.05).max(1e-6);
+    (lo - pad, hi + pad)
+}
+
+/// Lines of `(x, y)` points, one per series, with a legend.
+pub fn lines(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let xs = series.iter().flat_map(|s| s.1.iter().map(|p| p.0));
+        let ys = series.iter().flat_map(|s| s.1.iter().map(|p| p.1));
+        let (x0, x1) = bounds(xs.collect::<Vec<_>>().into_iter());
+        let (y0, y1) = bounds(ys.collect::<Vec<_>>().into_iter());
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(err)?;
+        for (i, (name, points)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            if points.len() <= 40 {
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(err)?;
+            }
+        }
+        if series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
+
+/// Vertical bars, one per category, labelled under the axis.
+pub fn bars(
+    title: &str,
+    y_desc: &str,
+    categories: &[String],
+    values: &[f64],
+) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (SIZE.0, SIZE.1 + 60)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let n = categories.len().max(1) as u32;
+        let top = values.iter().copied().fold(0.0, f64::max).max(1.0) * 1.08;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(96)
+            .y_label_area_size(56)
+            .build_cartesian_2d((0u32..n).into_segmented(), 0.0..top)
+            .map_err(err)?;
+        let every = (categories.len() / 30).max(1);
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .y_desc(y_desc)
+            .x_labels(categories.len().min(30))
+            .x_label_style(
+                ("sans-serif", 11)
+                    .into_font()
+                    .transform(FontTransform::Rotate90),
+            )
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) if (*i as usize) % every == 0 => {
+                    categories.get(*i as usize).cloned().unwrap_or_default()
+                }
+                _ => String::new(),
+            })
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(
+                Histogram::vertical(&chart)
+                    .style(BLUE.mix(0.6).filled())
+                    .margin(2)
+                    .data(values.iter().enumerate().map(|(i, v)| (i as u32, *v))),
+            )
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
+
+/// Histogram of integer lengths, one bar per length.
+pub fn length_histogram(title: &str, lengths: &[usize]) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let max_len = lengths.iter().copied().max().unwrap_or(1) as u32 + 1;
+        let mut counts = vec![0u32; max_len as usize + 1];
+        for &l in lengths {
+            counts[l] += 1;
+        }
+        let top = counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.08;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d((0u32..max_len).into_segmented(), 0.0..top)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_desc("tokens per example ([CLS]/[SEP] included)")
+            .y_desc("examples")
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(
+                Histogram::vertical(&chart)
+                    .style(GREEN.mix(0.6).filled())
+                    .margin(0)
+                    .data(
+                        counts
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| (i as u32, *c as f64)),
+                    ),
+            )
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}

@@ -1,0 +1,260 @@
+//! The HTML report: a plain `Serialize` view of the run (`RunSummary` + the metrics store), charts as
+//! inline SVG, rendered by minijinja from `templates/report.html` with auto-escaping on. The page
+//! loads nothing from the network and carries a Content-Security-Policy that forbids scripts.
+
+mod charts;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::{context, Environment, Value};
+use serde::Serialize;
+
+use crate::config::train::Objective;
+use crate::config::Experiment;
+use crate::data::Datasets;
+use crate::exec::{Encoded, SplitStats};
+use crate::metrics::classification::Scores;
+use crate::metrics::Store;
+use crate::model::BackboneConfig;
+use crate::tokenizer::TextTokenizer;
+use crate::train::backend::DeviceInfo;
+
+const TEMPLATE: &str = include_str!("../../templates/report.html");
+
+/// Everything the report says about a run besides the metric records.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub name: String,
+    pub description: String,
+    pub experiment_file: String,
+    pub created_unix: u64,
+    pub config_toml: String,
+    pub xrun_version: String,
+    pub git_commit: Option<String>,
+    pub device: DeviceInfo,
+    pub seed: u64,
+    pub data_root: String,
+    pub data: Vec<SplitStats>,
+    pub labels: Vec<String>,
+    pub tokenizer: String,
+    pub vocab_requested: usize,
+    pub vocab_size: usize,
+    pub model: BackboneConfig,
+    pub parameters: usize,
+    pub objective: String,
+    pub scores: Vec<(String, Scores)>,
+    pub stage_times: Vec<(String, f64)>,
+    pub failure: Option<String>,
+}
+
+impl RunSummary {
+    pub fn new(
+        exp: &Experiment,
+        device: &DeviceInfo,
+        data: &Datasets,
+        encoded: &Encoded,
+        tok: &TextTokenizer,
+        model: &BackboneConfig,
+    ) -> Self {
+        let objective = match exp.raw.pretrain.objective {
+            Objective::Mlm => "mlm",
+            Objective::Ar => "ar",
+            Objective::None => "none",
+        };
+        Self {
+            name: exp.raw.experiment.name.clone(),
+            description: exp.raw.experiment.description.clone(),
+            experiment_file: exp.file.display().to_string(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            config_toml: exp.resolved_toml(),
+            xrun_version: env!("CARGO_PKG_VERSION").to_string(),
+            git_commit: git_commit(&exp.file),
+            device: device.clone(),
+            seed: exp.raw.experiment.seed,
+            data_root: exp.data_root.display().to_string(),
+            data: encoded.stats.clone(),
+            labels: data.labels.clone(),
+            tokenizer: format!("{:?}", exp.raw.tokenizer.kind).to_lowercase(),
+            vocab_requested: exp.raw.tokenizer.vocab_size,
+            vocab_size: tok.vocab_size,
+            model: model.clone(),
+            parameters: model.parameters(),
+            objective: objective.to_string(),
+            scores: Vec::new(),
+            stage_times: Vec::new(),
+            failure: None,
+        }
+    }
+}
+
+/// The commit of the repository holding the experiment file, if it is in one.
+fn git_commit(file: &Path) -> Option<String> {
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `(x, y)` points of one metric of one stage and split.
+fn curve(store: &Store, stage: &str, split: &str, metric: &str, by_epoch: bool) -> Vec<(f64, f64)> {
+    store
+        .records
+        .iter()
+        .filter(|r| r.stage == stage && r.split == split && r.metric == metric)
+        .map(|r| {
+            (
+                if by_epoch {
+                    r.epoch as f64
+                } else {
+                    r.step as f64
+                },
+                r.value,
+            )
+        })
+        .collect()
+}
+
+/// Mean training loss per epoch, so a fine-tuning curve has one point per epoch like the dev metric.
+fn epoch_means(store: &Store, stage: &str) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64, usize)> = Vec::new();
+    for (epoch, loss) in curve(store, stage, "train", "loss", true) {
+        match out.last_mut() {
+            Some(last) if last.0 == epoch => {
+                last.1 += loss;
+                last.2 += 1;
+            }
+            _ => out.push((epoch, loss, 1)),
+        }
+    }
+    out.into_iter().map(|(e, s, n)| (e, s / n as f64)).collect()
+}
+
+/// Training loss smoothed over a window so a few hundred steps read as a curve, not noise.
+fn smoothed(points: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    let window = (points.len() / 50).max(1);
+    points
+        .chunks(window)
+        .map(|c| {
+            let n = c.len() as f64;
+            (c[c.len() - 1].0, c.iter().map(|p| p.1).sum::<f64>() / n)
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+struct Charts {
+    pretrain: Option<String>,
+    finetune_loss: Option<String>,
+    dev_metric: Option<String>,
+    lengths: Option<String>,
+    labels: Option<String>,
+}
+
+fn charts(summary: &RunSummary, store: &Store) -> Charts {
+    let nonempty = |s: &[(String, Vec<(f64, f64)>)]| s.iter().any(|x| !x.1.is_empty());
+    let pre = vec![
+        (
+            "train loss".to_string(),
+            smoothed(curve(store, "pretrain", "train", "loss", false)),
+        ),
+        (
+            "validation loss".to_string(),
+            curve(store, "pretrain", "validation", "loss", false),
+        ),
+    ];
+    let ft_loss = vec![(
+        "train loss (epoch mean)".to_string(),
+        epoch_means(store, "finetune"),
+    )];
+    let dev = vec![
+        (
+            "dev accuracy".to_string(),
+            curve(store, "finetune", "dev", "accuracy", true),
+        ),
+        (
+            "dev macro-F1".to_string(),
+            curve(store, "finetune", "dev", "macro_f1", true),
+        ),
+    ];
+    let train = summary.data.iter().find(|s| s.name == "train");
+    let all_lengths: Vec<usize> = summary
+        .data
+        .iter()
+        .flat_map(|s| s.lengths.iter().copied())
+        .collect();
+    Charts {
+        pretrain: nonempty(&pre)
+            .then(|| charts::lines("Pretraining loss", "step", "cross-entropy", &pre).ok())
+            .flatten(),
+        finetune_loss: nonempty(&ft_loss)
+            .then(|| charts::lines("Fine-tuning loss", "epoch", "cross-entropy", &ft_loss).ok())
+            .flatten(),
+        dev_metric: nonempty(&dev)
+            .then(|| charts::lines("Dev metrics", "epoch", "score", &dev).ok())
+            .flatten(),
+        lengths: (!all_lengths.is_empty())
+            .then(|| charts::length_histogram("Token lengths, all splits", &all_lengths).ok())
+            .flatten(),
+        labels: train.and_then(|t| {
+            let names: Vec<String> = t.labels.iter().map(|l| l.0.clone()).collect();
+            let counts: Vec<f64> = t.labels.iter().map(|l| l.1 as f64).collect();
+            charts::bars("Training labels", "examples", &names, &counts).ok()
+        }),
+    }
+}
+
+fn safe_svg(svg: Option<String>) -> Value {
+    svg.map_or(Value::from(()), Value::from_safe_string)
+}
+
+/// Renders `index.html` into `run_dir` and saves the view model as `summary.json`.
+pub fn write(run_dir: &Path, summary: &RunSummary, store: &Store) -> Result<PathBuf, String> {
+    let html = render(summary, store)?;
+    let path = run_dir.join("index.html");
+    std::fs::write(&path, html).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let json = serde_json::to_string_pretty(summary).map_err(|e| e.to_string())?;
+    std::fs::write(run_dir.join("summary.json"), json).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+pub fn render(summary: &RunSummary, store: &Store) -> Result<String, String> {
+    let mut env = Environment::new();
+    env.add_template("report.html", TEMPLATE)
+        .map_err(|e| e.to_string())?;
+    env.add_filter("f", |v: f64, digits: usize| format!("{v:.digits$}"));
+    let c = charts(summary, store);
+    let pretrain_final = store
+        .records
+        .iter()
+        .rev()
+        .find(|r| r.stage == "pretrain" && r.split == "validation" && r.metric == "perplexity")
+        .map(|r| r.value);
+    let total: f64 = summary.stage_times.iter().map(|s| s.1).sum();
+    let template = env.get_template("report.html").map_err(|e| e.to_string())?;
+    template
+        .render(context! {
+            s => summary,
+            total_seconds => total,
+            chance => 100.0 / summary.labels.len().max(1) as f64,
+            pretrain_perplexity => pretrain_final,
+            chart_pretrain => safe_svg(c.pretrain),
+            chart_finetune_loss => safe_svg(c.finetune_loss),
+            chart_dev => safe_svg(c.dev_metric),
+            chart_lengths => safe_svg(c.lengths),
+            chart_labels => safe_svg(c.labels),
+        })
+        .map_err(|e| format!("rendering the report: {e}"))
+}

@@ -1,0 +1,37 @@
+//! The one file that names burn backends. Everything else is generic over `B: AutodiffBackend`.
+
+use crate::config::experiment::BackendChoice;
+
+pub type Cpu = burn::backend::Flex;
+pub type CpuTrain = burn::backend::Autodiff<Cpu>;
+
+/// What ran, for the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceInfo {
+    pub backend: String,
+    pub device: String,
+    pub threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(
+        "backend `{0}` is not available in this build of xrun: it trains on the CPU backend only \
+         (set experiment.backend = \"cpu\" or \"auto\")"
+    )]
+    NotBuilt(&'static str),
+}
+
+/// The backends a choice resolves to. `auto` falls back to the CPU when no GPU backend is built in.
+pub fn resolve(choice: BackendChoice) -> Result<DeviceInfo, BackendError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match choice {
+        BackendChoice::Cpu | BackendChoice::Auto => Ok(DeviceInfo {
+            backend: "cpu (burn Flex)".into(),
+            device: format!("{} ({} threads)", std::env::consts::ARCH, threads),
+            threads,
+        }),
+        BackendChoice::Wgpu => Err(BackendError::NotBuilt("wgpu")),
+        BackendChoice::Cuda => Err(BackendError::NotBuilt("cuda")),
+    }
+}

@@ -1,0 +1,325 @@
+//! Integration tests: they drive the `xrun` binary on tiny experiments over the real FewCLUE data in
+//! `../shared/data` and check what a user sees (exit codes, messages, files, numbers).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const XRUN: &str = env!("CARGO_BIN_EXE_xrun");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn xrun(dir: &Path, args: &[&str]) -> Output {
+    Command::new(XRUN)
+        .current_dir(dir)
+        .args(args)
+        .env_remove("XRUN_DATA_ROOT")
+        .output()
+        .expect("the xrun binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `experiments/smoke.toml` into a fresh output folder; returns the run directory.
+fn smoke(out: &Path, extra: &[&str]) -> PathBuf {
+    let out_set = format!("experiment.output_dir={}", out.display());
+    let mut args = vec!["experiments/smoke.toml", "--quiet", "--set", &out_set];
+    args.extend_from_slice(extra);
+    let o = xrun(&root(), &args);
+    assert!(o.status.success(), "xrun failed:\n{}", stderr(&o));
+    out.join("smoke")
+}
+
+fn read_csv(path: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+fn result(rows: &[Vec<String>], split: &str, metric: &str) -> f64 {
+    rows.iter()
+        .find(|r| r[0] == split && r[1] == metric && r[2].is_empty())
+        .unwrap_or_else(|| panic!("no {split}/{metric} in results.csv"))[3]
+        .parse()
+        .unwrap()
+}
+
+fn records(run: &Path, stage: &str, split: &str, metric: &str) -> Vec<f64> {
+    use polars::prelude::*;
+    let df = xrun::metrics::read_parquet(&run.join("metrics.parquet")).unwrap();
+    let mask = df.column("stage").unwrap().str().unwrap().equal(stage)
+        & df.column("split").unwrap().str().unwrap().equal(split)
+        & df.column("metric").unwrap().str().unwrap().equal(metric);
+    let rows = df.filter(&mask).unwrap();
+    rows.column("value")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
+}
+
+#[test]
+fn smoke_runs_end_to_end_and_its_outputs_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = smoke(tmp.path(), &[]);
+    for f in [
+        "index.html",
+        "metrics.parquet",
+        "results.csv",
+        "config.resolved.toml",
+        "tokenizer.json",
+        "summary.json",
+        "checkpoints/pretrain.mpk",
+        "checkpoints/finetune.mpk",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    // Pretraining loss goes down: the mean of the last 5 steps is below the first 5.
+    let loss = records(&run, "pretrain", "train", "loss");
+    assert_eq!(loss.len(), 30);
+    let head: f64 = loss[..5].iter().sum::<f64>() / 5.0;
+    let tail: f64 = loss[loss.len() - 5..].iter().sum::<f64>() / 5.0;
+    assert!(
+        tail < head,
+        "pretraining loss did not decrease: {head} → {tail}"
+    );
+    assert_eq!(
+        records(&run, "pretrain", "validation", "perplexity").len(),
+        3
+    );
+
+    // results.csv, metrics.parquet and the report tell the same story.
+    let rows = read_csv(&run.join("results.csv"));
+    assert_eq!(rows[0], vec!["split", "metric", "class", "value"]);
+    let test_acc = result(&rows, "test", "accuracy");
+    assert!((0.0..=1.0).contains(&test_acc));
+    assert_eq!(result(&rows, "test", "examples"), 200.0);
+    let dev_curve = records(&run, "finetune", "dev", "accuracy");
+    assert_eq!(dev_curve.len(), 3, "one dev evaluation per epoch");
+    let best_dev = dev_curve.iter().copied().fold(f64::MIN, f64::max);
+    assert!(
+        (result(&rows, "dev", "accuracy") - best_dev).abs() < 1e-9,
+        "the best dev epoch is the one tested"
+    );
+    let html = std::fs::read_to_string(run.join("index.html")).unwrap();
+    let headline = format!("Test accuracy <strong>{:.2}%</strong>", test_acc * 100.0);
+    assert!(html.contains(&headline), "report lacks `{headline}`");
+    assert!(html.contains("Content-Security-Policy"));
+    assert!(
+        !html.contains("<script"),
+        "the report must not carry scripts"
+    );
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "the report must load nothing"
+    );
+    assert!(html.contains("<svg"), "charts are inline SVG");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_numbers() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let ra = smoke(a.path(), &["--set", "pretrain.objective=ar"]);
+    let rb = smoke(b.path(), &["--set", "pretrain.objective=ar"]);
+    assert_eq!(
+        std::fs::read_to_string(ra.join("results.csv")).unwrap(),
+        std::fs::read_to_string(rb.join("results.csv")).unwrap()
+    );
+    assert_eq!(
+        records(&ra, "pretrain", "train", "loss"),
+        records(&rb, "pretrain", "train", "loss")
+    );
+    let config = std::fs::read_to_string(ra.join("config.resolved.toml")).unwrap();
+    assert!(
+        config.contains("objective = \"ar\""),
+        "--set reaches the resolved config"
+    );
+}
+
+#[test]
+fn overrides_are_typed_and_checked() {
+    let o = xrun(
+        &root(),
+        &[
+            "validate",
+            "experiments/smoke.toml",
+            "--set",
+            "model.layerz=2",
+            "--set",
+            "model.heads=three",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("unknown key `layerz` in [model]"), "{err}");
+    assert!(err.contains("did you mean `layers`?"), "{err}");
+    assert!(err.contains("--set model.heads=three"), "{err}");
+    assert!(err.contains("2 errors"), "{err}");
+    let ok = xrun(
+        &root(),
+        &[
+            "validate",
+            "experiments/smoke.toml",
+            "--set",
+            "model.layers=2",
+        ],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+}
+
+#[test]
+fn shipped_experiments_validate() {
+    for file in ["experiments/clue_tnews.toml", "experiments/smoke.toml"] {
+        let o = xrun(&root(), &["validate", file]);
+        assert!(o.status.success(), "{file}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn data_root_can_be_pointed_elsewhere() {
+    let o = Command::new(XRUN)
+        .current_dir(root())
+        .args(["validate", "experiments/smoke.toml"])
+        .env("XRUN_DATA_ROOT", "/nonexistent/data")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("data root is not a folder: /nonexistent/data"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Every file in tests/fixtures/invalid fails validation with exit code 2 and the snapshotted message.
+#[test]
+fn invalid_configs_are_reported_with_their_place() {
+    let dir = root().join("tests/fixtures/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 15, "only {} fixtures", files.len());
+    for file in files {
+        let o = xrun(&dir, &["validate", &file]);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{file} should be rejected: {}",
+            stderr(&o)
+        );
+        let name = file.trim_end_matches(".toml").to_string();
+        insta::assert_snapshot!(name, stderr(&o));
+    }
+}
+
+#[test]
+fn markup_in_labels_and_text_renders_inert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("../shared/data/fewclue/eprstmt/train_0.json");
+    let lines: Vec<String> = std::fs::read_to_string(data)
+        .unwrap()
+        .lines()
+        .take(40)
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if v["label"] == "Negative" {
+                v["label"] = "<script>alert(1)</script>".into();
+            }
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(tmp.path().join("train.jsonl"), lines.join("\n")).unwrap();
+    let toml = r#"
+[experiment]
+name = "markup"
+description = "<img src=x onerror=alert(2)>"
+
+[data]
+root = "."
+
+[data.train]
+paths = ["train.jsonl"]
+text = "sentence"
+label = "label"
+
+[data.test]
+paths = ["train.jsonl"]
+text = "sentence"
+label = "label"
+
+[tokenizer]
+vocab_size = 500
+
+[model]
+d_model = 16
+layers = 1
+heads = 2
+d_ff = 32
+max_len = 24
+
+[pretrain]
+objective = "none"
+
+[finetune]
+epochs = 1
+"#;
+    std::fs::write(tmp.path().join("markup.toml"), toml).unwrap();
+    let o = xrun(tmp.path(), &["markup.toml", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(tmp.path().join("reports/markup/index.html")).unwrap();
+    assert!(!html.contains("<script>alert(1)</script>"));
+    assert!(!html.contains("<img src=x"));
+    assert!(
+        html.contains("&lt;script&gt;alert(1)&lt;&#x2f;script&gt;")
+            || html.contains("&lt;script&gt;alert(1)&lt;/script&gt;")
+    );
+    assert!(html.contains("&lt;img src=x onerror=alert(2)&gt;"));
+}
+
+#[test]
+fn a_failed_stage_exits_1_and_names_itself() {
+    let o = xrun(
+        &root(),
+        &[
+            "experiments/smoke.toml",
+            "--quiet",
+            "--set",
+            "experiment.output_dir=/dev/null/reports",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stage `setup` failed"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn an_unavailable_backend_is_a_clear_error() {
+    let o = xrun(
+        &root(),
+        &[
+            "experiments/smoke.toml",
+            "--quiet",
+            "--set",
+            "experiment.backend=cuda",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("backend `cuda` is not available"),
+        "{}",
+        stderr(&o)
+    );
+}
