@@ -111,6 +111,7 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Experiment, ConfigErrors> {
 }
 
 /// Deserializes `source`, recording each serde error and retrying without the entry it names.
+/// Returns `None` only when no retry could get past an error (a syntax error, a missing section).
 fn parse_collecting(source: &str, diags: &mut Vec<Diagnostic>) -> Option<RawDoc> {
     let mut text = source.to_string();
     let mut blanked: Vec<String> = Vec::new();
@@ -128,7 +129,9 @@ fn parse_collecting(source: &str, diags: &mut Vec<Diagnostic>) -> Option<RawDoc>
         };
         let entries = entries(&doc);
         let err = match toml_edit::de::from_document::<RawDoc>(doc) {
-            Ok(raw) => return diags.is_empty().then_some(raw),
+            // Entries blanked after an error fall back to their defaults, so the range checks
+            // still run on everything else and report in the same pass.
+            Ok(raw) => return Some(raw),
             Err(e) => e,
         };
         let entry = err.span().and_then(|s| innermost(&entries, &s));
@@ -139,9 +142,14 @@ fn parse_collecting(source: &str, diags: &mut Vec<Diagnostic>) -> Option<RawDoc>
                 return None;
             }
         }
+        // An unknown key is shown at the key; a bad value at the value.
+        let key_error = message.starts_with("unknown field");
         let origin = match (&entry, err.span()) {
-            (Some(e), _) => Origin::File(e.key_span.clone().unwrap_or(e.range.clone())),
-            (None, Some(span)) => Origin::File(span),
+            (Some(e), _) if key_error => {
+                Origin::File(e.key_span.clone().unwrap_or(e.range.clone()))
+            }
+            (_, Some(span)) => Origin::File(span),
+            (Some(e), None) => Origin::File(e.range.clone()),
             (None, None) => Origin::Nowhere,
         };
         let path = entry.map(|e| e.path.join(".")).unwrap_or_default();
@@ -199,7 +207,7 @@ fn walk(table: &dyn toml_edit::TableLike, prefix: &mut Vec<String>, out: &mut Ve
 fn innermost<'a>(entries: &'a [Entry], span: &Range<usize>) -> Option<&'a Entry> {
     entries
         .iter()
-        .filter(|e| e.range.start <= span.start && span.start < e.range.end.max(span.start + 1))
+        .filter(|e| e.range.contains(&span.start))
         .min_by_key(|e| e.range.len())
 }
 
@@ -253,7 +261,10 @@ fn humanize(message: &str, path: &str, origin: Origin) -> Diagnostic {
             let help = suggest(bad, known.iter().map(String::as_str)).or_else(|| {
                 (!known.is_empty()).then(|| format!("expected one of: {}", known.join(", ")))
             });
-            let msg = if what == "unknown key" {
+            let help = misplaced_optim_key(bad, known).or(help);
+            let msg = if what == "unknown key" && section.is_empty() {
+                format!("unknown section [{bad}]")
+            } else if what == "unknown key" {
                 format!("{what} `{bad}` {in_section}")
             } else {
                 format!("{what} `{bad}` for `{path}`")
@@ -275,6 +286,22 @@ fn humanize(message: &str, path: &str, origin: Origin) -> Diagnostic {
         format!("`{path}`: {message}")
     };
     Diagnostic::new(msg, origin)
+}
+
+/// `lr = …` written in [finetune] instead of [finetune.optim] is the commonest slip; say so.
+fn misplaced_optim_key(bad: &str, known: &[String]) -> Option<String> {
+    let optim_keys = [
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "warmup_fraction",
+        "schedule",
+        "clip_norm",
+    ];
+    (known.iter().any(|k| k == "optim") && optim_keys.contains(&bad)).then(|| {
+        format!("`{bad}` belongs in the `optim` table of this section, e.g. [finetune.optim]")
+    })
 }
 
 /// Applies `--set KEY=VALUE` one at a time, so each bad one is reported against itself.

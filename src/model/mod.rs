@@ -117,7 +117,8 @@ impl<B: Backend> Backbone<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::flex::Flex;
+    use crate::train::backend::Cpu as Flex;
+    use burn::tensor::backend::Backend;
     use burn::tensor::TensorData;
 
     #[test]

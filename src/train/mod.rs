@@ -99,7 +99,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     let mut step = 0;
     let mut stopped_early = false;
     bar.set_length(budget.max_steps as u64);
-    'epochs: for epoch in 0..budget.max_epochs {
+    for epoch in 0..budget.max_epochs {
         let batches = task.batches(epoch);
         if batches.is_empty() {
             return Err(TrainError::NoBatches);
@@ -136,7 +136,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
                 );
             }
             if step >= budget.max_steps {
-                break 'epochs;
+                break;
             }
         }
         if budget.eval_each_epoch {
@@ -150,10 +150,13 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
                 store,
                 started,
             );
-            if budget.patience > 0 && select.stale >= budget.patience {
+            if budget.patience > 0 && select.stale >= budget.patience && step < budget.max_steps {
                 stopped_early = true;
                 break;
             }
+        }
+        if step >= budget.max_steps {
+            break;
         }
     }
     bar.finish_and_clear();

@@ -1,20 +1,28 @@
-//! Text → ids: trains a WordPiece or byte-level BPE tokenizer with the `tokenizers` crate, or loads a
-//! `tokenizer.json`, and wraps it with the special tokens every stage needs.
+//! Text → ids: learns a WordPiece or byte-level BPE vocabulary (`vocab`, deterministic), builds the
+//! `tokenizers` model from it, or loads a `tokenizer.json`; wraps it with the special tokens every
+//! stage needs.
 //!
 //! Special tokens are added by xrun, not by a post-processor, so WordPiece, BPE and loaded files all
 //! produce `[CLS] a [SEP]` (or `[CLS] a [SEP] b [SEP]`) the same way, truncated to `max_len`.
 
 use std::path::Path;
 
+mod vocab;
+
+use std::collections::BTreeMap;
+
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
-use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::BPE;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::utils::Lowercase;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
+    PreTokenizer, Tokenizer,
+};
 
 use crate::config::model::{TokenizerKind, TokenizerSection};
 
@@ -62,7 +70,7 @@ impl TextTokenizer {
     pub fn build<'a>(
         cfg: &TokenizerSection,
         base_dir: &Path,
-        texts: impl Iterator<Item = &'a str> + Send,
+        texts: impl Iterator<Item = &'a str>,
     ) -> Result<Self, TokenizerError> {
         let inner = match cfg.kind {
             TokenizerKind::Wordpiece => train_wordpiece(cfg, texts)?,
@@ -166,46 +174,98 @@ fn special_tokens() -> Vec<AddedToken> {
         .collect()
 }
 
+/// Counts the words the normalizer and pre-tokenizer make of `texts`.
+fn word_counts<'a>(
+    normalizer: Option<&dyn Normalizer>,
+    pre: &dyn PreTokenizer,
+    texts: impl Iterator<Item = &'a str>,
+) -> Result<BTreeMap<String, u64>, TokenizerError> {
+    let err = |e: tokenizers::Error| TokenizerError::Train(e.to_string());
+    let mut words = BTreeMap::new();
+    for text in texts {
+        let mut normalized = NormalizedString::from(text);
+        if let Some(n) = normalizer {
+            n.normalize(&mut normalized).map_err(err)?;
+        }
+        let mut pretokenized = PreTokenizedString::from(normalized);
+        pre.pre_tokenize(&mut pretokenized).map_err(err)?;
+        for (word, _, _) in pretokenized.get_splits(OffsetReferential::Original, OffsetType::Char) {
+            *words.entry(word.to_string()).or_default() += 1;
+        }
+    }
+    Ok(words)
+}
+
 fn train_wordpiece<'a>(
     cfg: &TokenizerSection,
-    texts: impl Iterator<Item = &'a str> + Send,
+    texts: impl Iterator<Item = &'a str>,
 ) -> Result<Tokenizer, TokenizerError> {
-    let mut tok = Tokenizer::new(WordPiece::default());
-    tok.with_normalizer(Some(BertNormalizer::new(true, true, None, cfg.lowercase)))
+    let normalizer = BertNormalizer::new(true, true, None, cfg.lowercase);
+    let words = word_counts(Some(&normalizer), &BertPreTokenizer, texts)?;
+    let learned = vocab::learn(
+        &words,
+        &vocab::Options {
+            vocab_size: cfg.vocab_size,
+            min_frequency: cfg.min_frequency,
+            limit_alphabet: Some(cfg.limit_alphabet.unwrap_or(cfg.vocab_size)),
+            initial: Vec::new(),
+            prefix: Some("##"),
+            specials: &SPECIALS,
+        },
+    );
+    let ids: tokenizers::models::bpe::Vocab = numbered(learned.tokens);
+    let model = WordPiece::builder()
+        .vocab(ids)
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(|e| TokenizerError::Train(e.to_string()))?;
+    let mut tok = Tokenizer::new(model);
+    tok.with_normalizer(Some(normalizer))
         .with_pre_tokenizer(Some(BertPreTokenizer))
         .with_decoder(Some(WordPieceDecoder::default()));
-    let trainer = WordPieceTrainerBuilder::new()
-        .vocab_size(cfg.vocab_size)
-        .min_frequency(cfg.min_frequency)
-        .special_tokens(special_tokens())
-        .limit_alphabet(cfg.limit_alphabet.unwrap_or(cfg.vocab_size))
-        .show_progress(false)
-        .build();
-    let mut trainer = TrainerWrapper::from(trainer);
-    tok.train(&mut trainer, texts)
-        .map_err(|e| TokenizerError::Train(e.to_string()))?;
+    tok.add_special_tokens(&special_tokens());
     Ok(tok)
 }
 
 fn train_bpe<'a>(
     cfg: &TokenizerSection,
-    texts: impl Iterator<Item = &'a str> + Send,
+    texts: impl Iterator<Item = &'a str>,
 ) -> Result<Tokenizer, TokenizerError> {
-    let mut tok = Tokenizer::new(BPE::default());
-    if cfg.lowercase {
-        tok.with_normalizer(Some(tokenizers::normalizers::utils::Lowercase));
-    }
-    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-        .with_decoder(Some(ByteLevelDecoder::default()));
-    let trainer = BpeTrainerBuilder::new()
-        .vocab_size(cfg.vocab_size)
-        .min_frequency(cfg.min_frequency)
-        .special_tokens(special_tokens())
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .show_progress(false)
-        .build();
-    let mut trainer = TrainerWrapper::from(trainer);
-    tok.train(&mut trainer, texts)
+    let pre = ByteLevel::new(false, true, true);
+    let lowercase = cfg.lowercase.then_some(Lowercase);
+    let words = word_counts(
+        lowercase.as_ref().map(|l| l as &dyn Normalizer),
+        &pre,
+        texts,
+    )?;
+    let mut bytes: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    bytes.sort();
+    let learned = vocab::learn(
+        &words,
+        &vocab::Options {
+            vocab_size: cfg.vocab_size,
+            min_frequency: cfg.min_frequency,
+            limit_alphabet: None,
+            initial: bytes,
+            prefix: None,
+            specials: &SPECIALS,
+        },
+    );
+    let model = BPE::builder()
+        .vocab_and_merges(numbered(learned.tokens), learned.merges)
+        .build()
         .map_err(|e| TokenizerError::Train(e.to_string()))?;
+    let mut tok = Tokenizer::new(model);
+    if let Some(l) = lowercase {
+        tok.with_normalizer(Some(l));
+    }
+    tok.with_pre_tokenizer(Some(pre))
+        .with_decoder(Some(ByteLevelDecoder::default()));
+    tok.add_special_tokens(&special_tokens());
     Ok(tok)
+}
+
+fn numbered(tokens: Vec<String>) -> tokenizers::models::bpe::Vocab {
+    tokens.into_iter().zip(0u32..).collect()
 }
