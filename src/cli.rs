@@ -89,12 +89,14 @@ fn validate(args: &FileArgs) -> ExitCode {
                 .chain(std::iter::once(&data.train))
                 .map(|s| s.skipped.len())
                 .sum();
+            let plural =
+                |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
             println!(
-                "{}: valid ({} train examples, {} labels, {} lines skipped)",
+                "{}: valid ({}, {}, {} skipped)",
                 args.file.display(),
-                data.train.examples.len(),
-                data.labels.len(),
-                skipped
+                plural(data.train.examples.len(), "train example"),
+                plural(data.labels.len(), "label"),
+                plural(skipped, "line")
             );
             ExitCode::SUCCESS
         }

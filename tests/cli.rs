@@ -325,3 +325,47 @@ fn an_unavailable_backend_is_a_clear_error() {
         stderr(&o)
     );
 }
+
+#[test]
+fn skipped_lines_are_counted_when_the_file_says_skip() {
+    let dir = root().join("tests/fixtures/invalid");
+    let o = xrun(
+        &dir,
+        &[
+            "validate",
+            "bad_json_line.toml",
+            "--set",
+            "data.on_error=skip",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("valid (2 train examples, 1 label, 1 line skipped)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_saved_tokenizer_can_be_loaded_by_the_next_experiment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = smoke(&tmp.path().join("a"), &["--set", "pretrain.objective=none"]);
+    let saved = first.join("tokenizer.json");
+    let path_set = format!("tokenizer.path={}", saved.display());
+    let second = smoke(
+        &tmp.path().join("b"),
+        &[
+            "--set",
+            "pretrain.objective=none",
+            "--set",
+            "tokenizer.kind=file",
+            "--set",
+            &path_set,
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(first.join("results.csv")).unwrap(),
+        std::fs::read_to_string(second.join("results.csv")).unwrap(),
+        "the same vocabulary, loaded instead of learned, gives the same run"
+    );
+}

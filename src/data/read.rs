@@ -233,6 +233,17 @@ fn read_jsonl(sink: &mut Sink, fields: &Fields) -> Result<(), DataError> {
     Ok(())
 }
 
+/// 1-based line number of the record starting at a byte offset. After a CRLF row the csv reader
+/// reports the next row as starting at the `\n`, so line breaks at the offset are skipped first.
+fn line_at(content: &str, byte: u64) -> usize {
+    let bytes = content.as_bytes();
+    let mut start = (byte as usize).min(bytes.len());
+    while start < bytes.len() && matches!(bytes[start], b'\r' | b'\n') {
+        start += 1;
+    }
+    bytes[..start].iter().filter(|b| **b == b'\n').count() + 1
+}
+
 fn read_delimited(sink: &mut Sink, fields: &Fields, delimiter: u8) -> Result<(), DataError> {
     let content = sink.read_to_string()?;
     let mut reader = csv::ReaderBuilder::new()
@@ -270,7 +281,7 @@ fn read_delimited(sink: &mut Sink, fields: &Fields, delimiter: u8) -> Result<(),
         }
         match record {
             Ok(r) => {
-                let line = r.position().map_or(0, |p| p.line() as usize);
+                let line = r.position().map_or(0, |p| line_at(&content, p.byte()));
                 let cell = |c: usize| r.get(c).unwrap_or("").to_string();
                 sink.push(
                     line,
@@ -280,10 +291,123 @@ fn read_delimited(sink: &mut Sink, fields: &Fields, delimiter: u8) -> Result<(),
                 )?;
             }
             Err(e) => {
-                let line = e.position().map_or(0, |p| p.line() as usize);
+                let line = e.position().map_or(0, |p| line_at(&content, p.byte()));
                 sink.bad(line, format!("malformed row: {e}"))?;
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(path: &str, format: Format, label: Option<&str>) -> SourceSpec {
+        SourceSpec {
+            paths: vec![path.into()],
+            format,
+            text: "text".into(),
+            text_pair: None,
+            label: label.map(str::to_string),
+            limit: None,
+        }
+    }
+
+    fn write(dir: &Path, name: &str, content: &str) {
+        std::fs::write(dir.join(name), content).unwrap();
+    }
+
+    #[test]
+    fn csv_with_quotes_and_crlf() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.csv",
+            "id,text,label\r\n1,\"hello, world\",pos\r\n2,\"say \"\"hi\"\"\",neg\r\n",
+        );
+        let s = read_source(
+            &spec("a.csv", Format::Auto, Some("label")),
+            dir.path(),
+            OnError::Error,
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.examples.len(), 2);
+        assert_eq!(s.examples[0].text, "hello, world");
+        assert_eq!(s.examples[1].text, "say \"hi\"");
+        assert_eq!(s.examples[1].label.as_deref(), Some("neg"));
+        assert_eq!(s.examples[1].line, 3);
+    }
+
+    #[test]
+    fn tsv_missing_column_names_the_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.tsv", "sentence\tlabel\nok\t1\n");
+        let err = read_source(
+            &spec("a.tsv", Format::Auto, Some("label")),
+            dir.path(),
+            OnError::Skip,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.ends_with("a.tsv:1: no column `text` in the header (columns: sentence, label)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn text_files_skip_and_count_empty_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c.txt", "first\r\n\nthird\n");
+        let s = read_source(
+            &spec("c.txt", Format::Auto, None),
+            dir.path(),
+            OnError::Skip,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            s.examples
+                .iter()
+                .map(|e| e.text.as_str())
+                .collect::<Vec<_>>(),
+            ["first", "third"]
+        );
+        assert_eq!(s.skipped.len(), 1);
+        assert_eq!(s.skipped[0].line, 2);
+        assert_eq!(s.examples[1].line, 3);
+    }
+
+    #[test]
+    fn jsonl_numbers_become_labels_and_limit_stops_early() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "d.json",
+            "{\"text\":\"a\",\"label\":100}\n{\"text\":\"b\",\"label\":101}\n",
+        );
+        let mut sp = spec("d.json", Format::Auto, Some("label"));
+        sp.limit = Some(1);
+        let s = read_source(&sp, dir.path(), OnError::Error, true).unwrap();
+        assert_eq!(s.examples.len(), 1);
+        assert_eq!(s.examples[0].label.as_deref(), Some("100"));
+    }
+
+    #[test]
+    fn invalid_utf8_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("e.txt"), b"fine\nbad \xff byte\n").unwrap();
+        let err = read_source(
+            &spec("e.txt", Format::Text, None),
+            dir.path(),
+            OnError::Error,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.ends_with("e.txt:2: not valid UTF-8"), "{err}");
+    }
 }

@@ -11,7 +11,6 @@ use std::time::Instant;
 use burn::module::{AutodiffModule, Module};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::config::train::{Objective, Pooling, DEFAULT_PRETRAIN_STEPS};
 use crate::config::Experiment;
@@ -22,7 +21,7 @@ use crate::model::{BackboneConfig, Classifier, ClassifierHead, LmHead, LmModel, 
 use crate::report::{self, RunSummary};
 use crate::tokenizer::TextTokenizer;
 use crate::train::backend::{self, BackendError, DeviceInfo};
-use crate::train::{fit, Budget, TrainError};
+use crate::train::{fit, Budget, Progress, TrainError};
 pub use stats::SplitStats;
 use tasks::{FinetuneTask, PretrainTask};
 
@@ -228,20 +227,6 @@ fn log(opts: &Options, line: &str) {
     }
 }
 
-fn progress(opts: &Options, stage: &str) -> ProgressBar {
-    if opts.quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-    let style =
-        ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} steps, ETA {eta} — {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(stage.to_string());
-    bar
-}
-
 fn save<B: Backend, M: Module<B>>(
     model: M,
     path: &Path,
@@ -305,7 +290,7 @@ fn pretrain<B: AutodiffBackend>(
         backbone,
         head: LmHead::new(cfg.d_model, cfg.vocab_size, device),
     };
-    let bar = progress(opts, "pretrain");
+    let mut bar = Progress::new("pretrain", opts.quiet);
     let fitted = fit(
         &task,
         model,
@@ -313,7 +298,7 @@ fn pretrain<B: AutodiffBackend>(
         &budget,
         "pretrain",
         store,
-        &bar,
+        &mut bar,
     )
     .map_err(train_error("pretrain"))?;
     save(
@@ -371,7 +356,7 @@ fn finetune<B: AutodiffBackend>(
         patience: f.patience,
         keep_best: true,
     };
-    let bar = progress(opts, "finetune");
+    let mut bar = Progress::new("finetune", opts.quiet);
     let fitted = fit(
         &task,
         model,
@@ -379,7 +364,7 @@ fn finetune<B: AutodiffBackend>(
         &budget,
         "finetune",
         store,
-        &bar,
+        &mut bar,
     )
     .map_err(train_error("finetune"))?;
     save(

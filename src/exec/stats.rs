@@ -42,7 +42,7 @@ fn encode_split(
     data: &Datasets,
     tok: &TextTokenizer,
     max_len: usize,
-) -> Result<(Vec<Vec<u32>>, Vec<usize>, SplitStats), TokenizerError> {
+) -> Result<(Labelled, SplitStats), TokenizerError> {
     let mut ids = Vec::with_capacity(split.examples.len());
     let mut classes = Vec::with_capacity(split.examples.len());
     let (mut truncated, mut unk, mut tokens) = (0, 0usize, 0usize);
@@ -78,7 +78,7 @@ fn encode_split(
             data.labels.iter().cloned().zip(counts).collect()
         },
     };
-    Ok((ids, classes, stats))
+    Ok((Labelled { ids, classes }, stats))
 }
 
 pub fn encode_all(
@@ -88,9 +88,9 @@ pub fn encode_all(
 ) -> Result<Encoded, TokenizerError> {
     let mut stats = Vec::new();
     let mut labelled = |name: &str, split: &Split| -> Result<Labelled, TokenizerError> {
-        let (ids, classes, s) = encode_split(name, split, data, tok, max_len)?;
+        let (labelled, s) = encode_split(name, split, data, tok, max_len)?;
         stats.push(s);
-        Ok(Labelled { ids, classes })
+        Ok(labelled)
     };
     let train = labelled("train", &data.train)?;
     let dev = data.dev.as_ref().map(|s| labelled("dev", s)).transpose()?;
@@ -101,9 +101,9 @@ pub fn encode_all(
         .transpose()?;
     let corpus = match &data.corpus {
         Some(split) => {
-            let (ids, _, s) = encode_split("corpus", split, data, tok, max_len)?;
+            let (labelled, s) = encode_split("corpus", split, data, tok, max_len)?;
             stats.insert(0, s);
-            ids
+            labelled.ids
         }
         None => Vec::new(),
     };

@@ -94,7 +94,7 @@ pub fn bars(
             .margin(12)
             .x_label_area_size(96)
             .y_label_area_size(56)
-            .build_cartesian_2d((0u32..n).into_segmented(), 0.0..top)
+            .build_cartesian_2d((0u32..n - 1).into_segmented(), 0.0..top)
             .map_err(err)?;
         let every = (categories.len() / 30).max(1);
         chart
@@ -134,7 +134,7 @@ pub fn length_histogram(title: &str, lengths: &[usize]) -> Result<String, String
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let max_len = lengths.iter().copied().max().unwrap_or(1) as u32 + 1;
+        let max_len = lengths.iter().copied().max().unwrap_or(1) as u32;
         let mut counts = vec![0u32; max_len as usize + 1];
         for &l in lengths {
             counts[l] += 1;

@@ -3,6 +3,7 @@
 //! periodic evaluation, early stopping and the best snapshot.
 
 pub mod backend;
+pub mod progress;
 pub mod schedule;
 
 use std::time::Instant;
@@ -12,10 +13,10 @@ use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use indicatif::ProgressBar;
 
 use crate::config::train::Optim;
 use crate::metrics::{Record, Store};
+pub use progress::Progress;
 
 /// What an evaluation measured; `score` (higher is better) drives early stopping and model selection.
 #[derive(Debug, Default)]
@@ -66,7 +67,7 @@ pub enum TrainError {
 }
 
 pub fn adamw(o: &Optim) -> AdamWConfig {
-    let clip = (o.clip_norm > 0.0).then(|| GradientClippingConfig::Norm(o.clip_norm as f32));
+    let clip = (o.clip_norm > 0.0).then_some(GradientClippingConfig::Norm(o.clip_norm as f32));
     AdamWConfig::new()
         .with_beta_1(o.betas[0] as f32)
         .with_beta_2(o.betas[1] as f32)
@@ -88,7 +89,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     budget: &Budget,
     stage: &str,
     store: &mut Store,
-    bar: &ProgressBar,
+    progress: &mut Progress,
 ) -> Result<Fitted<<T::Model as AutodiffModule<B>>::InnerModule>, TrainError> {
     let mut optimizer = adamw(optim).init::<B, T::Model>();
     let started = Instant::now();
@@ -98,7 +99,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     };
     let mut step = 0;
     let mut stopped_early = false;
-    bar.set_length(budget.max_steps as u64);
+    progress.start(budget.max_steps);
     for epoch in 0..budget.max_epochs {
         let batches = task.batches(epoch);
         if batches.is_empty() {
@@ -120,8 +121,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
             let wall = started.elapsed().as_secs_f64();
             push(store, stage, step, epoch, "train", "loss", value, wall);
             push(store, stage, step, epoch, "train", "lr", lr, wall);
-            bar.set_position(step as u64);
-            bar.set_message(format!("epoch {} loss {value:.4}", epoch + 1));
+            progress.step(step, epoch + 1, value);
             let due = budget.eval_every.is_some_and(|n| step % n == 0) || step == budget.max_steps;
             if due && !budget.eval_each_epoch {
                 evaluate(
@@ -159,7 +159,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
             break;
         }
     }
-    bar.finish_and_clear();
+    progress.finish();
     let best_step = select.best.as_ref().map(|b| b.1);
     let model = match select.best {
         Some((_, _, best)) if budget.keep_best => best,
