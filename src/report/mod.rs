@@ -74,7 +74,10 @@ impl RunSummary {
             git_commit: git_commit(&exp.file),
             device: device.clone(),
             seed: exp.raw.experiment.seed,
-            data_root: exp.data_root.display().to_string(),
+            data_root: std::fs::canonicalize(&exp.data_root)
+                .unwrap_or_else(|_| exp.data_root.clone())
+                .display()
+                .to_string(),
             data: encoded.stats.clone(),
             labels: data.labels.clone(),
             tokenizer: format!("{:?}", exp.raw.tokenizer.kind).to_lowercase(),
@@ -249,6 +252,7 @@ pub fn render(summary: &RunSummary, store: &Store) -> Result<String, String> {
             s => summary,
             total_seconds => total,
             chance => 100.0 / summary.labels.len().max(1) as f64,
+            selected_on_dev => summary.scores.iter().any(|(split, _)| split == "dev"),
             pretrain_perplexity => pretrain_final,
             chart_pretrain => safe_svg(c.pretrain),
             chart_finetune_loss => safe_svg(c.finetune_loss),
