@@ -369,3 +369,39 @@ fn a_saved_tokenizer_can_be_loaded_by_the_next_experiment() {
         "the same vocabulary, loaded instead of learned, gives the same run"
     );
 }
+
+#[test]
+fn a_stage_that_fails_midway_keeps_what_finished_and_says_so_in_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = smoke(&tmp.path().join("a"), &["--set", "pretrain.objective=none"]);
+    let broken = tmp.path().join("no_mask.json");
+    let json = std::fs::read_to_string(first.join("tokenizer.json")).unwrap();
+    std::fs::write(&broken, json.replace("[MASK]", "[MASQ]")).unwrap();
+    let out_set = format!("experiment.output_dir={}", tmp.path().join("b").display());
+    let path_set = format!("tokenizer.path={}", broken.display());
+    let o = xrun(
+        &root(),
+        &[
+            "experiments/smoke.toml",
+            "-q",
+            "--set",
+            &out_set,
+            "--set",
+            "tokenizer.kind=file",
+            "--set",
+            &path_set,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("stage `tokenizer` failed"), "{err}");
+    assert!(err.contains("has no [MASK] token"), "{err}");
+    let run = tmp.path().join("b/smoke");
+    assert!(run.join("config.resolved.toml").is_file());
+    let html = std::fs::read_to_string(run.join("index.html")).unwrap();
+    assert!(
+        html.contains("This run did not finish"),
+        "the report names the failure"
+    );
+    assert!(html.contains("stage `tokenizer` failed"));
+}

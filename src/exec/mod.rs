@@ -103,7 +103,43 @@ fn run_on<B: AutodiffBackend>(
         .map_err(|e| io(format!("cannot write config.resolved.toml: {e}")))?;
     let mut clock = Clock::default();
     let mut store = Store::default();
+    let mut summary = RunSummary::new(exp, &info);
+    let result = stages::<B>(
+        exp,
+        opts,
+        &device,
+        &run_dir,
+        &mut summary,
+        &mut store,
+        &mut clock,
+    );
+    // Whatever happened, keep what the finished stages produced and say in the report how it ended.
+    summary.stage_times = clock.stages.clone();
+    summary.failure = result.as_ref().err().map(ToString::to_string);
+    let written = store
+        .write(&run_dir)
+        .map_err(|e| stage_err("report")(e.to_string()))
+        .and_then(|()| {
+            report::write(&run_dir, &summary, &store).map_err(|e| stage_err("report")(e))
+        });
+    result?;
+    Ok(Outcome {
+        run_dir: run_dir.clone(),
+        report: written?,
+        test_accuracy: store.result("test", "accuracy"),
+    })
+}
 
+/// The stages in order; each fills in its part of the summary as soon as it has it.
+fn stages<B: AutodiffBackend>(
+    exp: &Experiment,
+    opts: &Options,
+    device: &B::Device,
+    run_dir: &Path,
+    summary: &mut RunSummary,
+    store: &mut Store,
+    clock: &mut Clock,
+) -> Result<(), RunError> {
     let data = clock.time("data", || Datasets::load(exp))?;
     log(
         opts,
@@ -116,6 +152,7 @@ fn run_on<B: AutodiffBackend>(
             data.labels.len()
         ),
     );
+    summary.labels = data.labels.clone();
 
     let base_dir = exp.file.parent().unwrap_or(Path::new("")).to_path_buf();
     let tokenizer = clock.time("tokenizer", || {
@@ -125,10 +162,12 @@ fn run_on<B: AutodiffBackend>(
             .map_err(|e| stage_err("tokenizer")(e.to_string()))?;
         Ok::<_, RunError>(tok)
     })?;
+    summary.vocab_size = Some(tokenizer.vocab_size);
     let max_len = exp.raw.model.max_len;
     let encoded = clock
         .time("encode", || stats::encode_all(&data, &tokenizer, max_len))
         .map_err(|e| stage_err("tokenizer")(e.to_string()))?;
+    summary.data = encoded.stats.clone();
     log(
         opts,
         &format!(
@@ -137,88 +176,65 @@ fn run_on<B: AutodiffBackend>(
         ),
     );
 
-    let objective = exp.raw.pretrain.objective;
+    let m = &exp.raw.model;
     let backbone_cfg = BackboneConfig {
         vocab_size: tokenizer.vocab_size,
-        d_model: exp.raw.model.d_model,
-        layers: exp.raw.model.layers,
-        heads: exp.raw.model.heads,
-        d_ff: exp.raw.model.d_ff,
+        d_model: m.d_model,
+        layers: m.layers,
+        heads: m.heads,
+        d_ff: m.d_ff,
         max_len,
-        dropout: exp.raw.model.dropout,
-        pre_norm: exp.raw.model.norm == crate::config::model::NormPlacement::Pre,
-        causal: objective == Objective::Ar,
+        dropout: m.dropout,
+        pre_norm: m.norm == crate::config::model::NormPlacement::Pre,
+        causal: exp.raw.pretrain.objective == Objective::Ar,
     };
-    let mut summary = RunSummary::new(exp, &info, &data, &encoded, &tokenizer, &backbone_cfg);
-    let finish =
-        |summary: &mut RunSummary, store: &Store, clock: &Clock, failed: Option<&RunError>| {
-            summary.stage_times = clock.stages.clone();
-            summary.failure = failed.map(|e| e.to_string());
-            store
-                .write(&run_dir)
-                .map_err(|e| stage_err("report")(e.to_string()))?;
-            report::write(&run_dir, summary, store).map_err(|e| stage_err("report")(e.to_string()))
-        };
+    summary.parameters = Some(backbone_cfg.parameters());
+    summary.model = Some(backbone_cfg.clone());
 
-    let result = (|| {
-        let backbone = clock.time("pretrain", || {
-            pretrain::<B>(
-                exp,
-                opts,
-                &encoded,
-                &tokenizer,
-                &backbone_cfg,
-                &mut store,
-                &device,
-                &run_dir,
-            )
-        })?;
-        store
-            .write(&run_dir)
-            .map_err(|e| stage_err("pretrain")(e.to_string()))?;
-        let (model, pool) = clock.time("finetune", || {
-            finetune::<B>(
-                exp,
-                opts,
-                &encoded,
-                backbone,
-                &backbone_cfg,
-                data.labels.len(),
-                &mut store,
-                &device,
-                &run_dir,
-            )
-        })?;
-        clock.time("eval", || {
-            evaluate::<B::InnerBackend>(
-                exp,
-                &encoded,
-                &model,
-                pool,
-                &data.labels,
-                tokenizer.specials.pad,
-                &mut store,
-                &mut summary,
-                &device,
-            )
-        });
-        Ok::<_, RunError>(())
-    })();
-    match result {
-        Ok(()) => {
-            let report = finish(&mut summary, &store, &clock, None)?;
-            Ok(Outcome {
-                run_dir: run_dir.clone(),
-                report,
-                test_accuracy: store.result("test", "accuracy"),
-            })
-        }
-        Err(e) => {
-            // Keep what the finished stages produced, and say in the report which one failed.
-            let _ = finish(&mut summary, &store, &clock, Some(&e));
-            Err(e)
-        }
-    }
+    let backbone = clock.time("pretrain", || {
+        pretrain::<B>(
+            exp,
+            opts,
+            &encoded,
+            &tokenizer,
+            &backbone_cfg,
+            store,
+            device,
+            run_dir,
+        )
+    })?;
+    store
+        .write(run_dir)
+        .map_err(|e| stage_err("pretrain")(e.to_string()))?;
+    let classes = data.labels.len();
+    let (model, pool) = clock.time("finetune", || {
+        finetune::<B>(
+            exp,
+            opts,
+            &encoded,
+            backbone,
+            &backbone_cfg,
+            classes,
+            store,
+            device,
+            run_dir,
+        )
+    })?;
+    clock.time("eval", || {
+        let pad = tokenizer.specials.pad;
+        evaluate::<B::InnerBackend>(
+            exp,
+            &encoded,
+            &model,
+            pool,
+            &data.labels,
+            pad,
+            store,
+            summary,
+            device,
+        )
+    });
+    Ok(())
 }
 
 fn log(opts: &Options, line: &str) {

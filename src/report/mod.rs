@@ -12,12 +12,10 @@ use serde::Serialize;
 
 use crate::config::train::Objective;
 use crate::config::Experiment;
-use crate::data::Datasets;
-use crate::exec::{Encoded, SplitStats};
+use crate::exec::SplitStats;
 use crate::metrics::classification::Scores;
 use crate::metrics::Store;
 use crate::model::BackboneConfig;
-use crate::tokenizer::TextTokenizer;
 use crate::train::backend::DeviceInfo;
 
 const TEMPLATE: &str = include_str!("../../templates/report.html");
@@ -39,9 +37,10 @@ pub struct RunSummary {
     pub labels: Vec<String>,
     pub tokenizer: String,
     pub vocab_requested: usize,
-    pub vocab_size: usize,
-    pub model: BackboneConfig,
-    pub parameters: usize,
+    /// Filled in as the stages get that far.
+    pub vocab_size: Option<usize>,
+    pub model: Option<BackboneConfig>,
+    pub parameters: Option<usize>,
     pub objective: String,
     pub scores: Vec<(String, Scores)>,
     pub stage_times: Vec<(String, f64)>,
@@ -49,14 +48,7 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
-    pub fn new(
-        exp: &Experiment,
-        device: &DeviceInfo,
-        data: &Datasets,
-        encoded: &Encoded,
-        tok: &TextTokenizer,
-        model: &BackboneConfig,
-    ) -> Self {
+    pub fn new(exp: &Experiment, device: &DeviceInfo) -> Self {
         let objective = match exp.raw.pretrain.objective {
             Objective::Mlm => "mlm",
             Objective::Ar => "ar",
@@ -78,13 +70,13 @@ impl RunSummary {
                 .unwrap_or_else(|_| exp.data_root.clone())
                 .display()
                 .to_string(),
-            data: encoded.stats.clone(),
-            labels: data.labels.clone(),
+            data: Vec::new(),
+            labels: Vec::new(),
             tokenizer: format!("{:?}", exp.raw.tokenizer.kind).to_lowercase(),
             vocab_requested: exp.raw.tokenizer.vocab_size,
-            vocab_size: tok.vocab_size,
-            model: model.clone(),
-            parameters: model.parameters(),
+            vocab_size: None,
+            model: None,
+            parameters: None,
             objective: objective.to_string(),
             scores: Vec::new(),
             stage_times: Vec::new(),
