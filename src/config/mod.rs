@@ -24,6 +24,17 @@ use experiment::ExperimentSection;
 use model::{ModelSection, TokenizerSection};
 use train::{EvalSection, FinetuneSection, Optim, PretrainSection, FINETUNE_LR, PRETRAIN_LR};
 
+/// The sections of an experiment file, as `RawDoc` names them.
+const SECTIONS: [&str; 7] = [
+    "experiment",
+    "data",
+    "tokenizer",
+    "model",
+    "pretrain",
+    "finetune",
+    "eval",
+];
+
 /// The whole file as serde sees it. Unknown sections and keys are errors.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -134,8 +145,13 @@ fn parse_collecting(source: &str, diags: &mut Vec<Diagnostic>) -> Option<RawDoc>
             Ok(raw) => return Some(raw),
             Err(e) => e,
         };
-        let entry = err.span().and_then(|s| innermost(&entries, &s));
         let message = err.message().trim().to_string();
+        // A missing section is missing from the document, not from the table the span lands in.
+        let missing_section = missing_field(&message).is_some_and(|f| SECTIONS.contains(&f));
+        let entry = err
+            .span()
+            .filter(|_| !missing_section)
+            .and_then(|s| innermost(&entries, &s));
         if let Some(field) = missing_field(&message) {
             // A required key we blanked after its own error: already reported.
             if blanked.iter().any(|b| b == field) {
@@ -144,7 +160,7 @@ fn parse_collecting(source: &str, diags: &mut Vec<Diagnostic>) -> Option<RawDoc>
         }
         // An unknown key is shown at the key; a bad value at the value.
         let key_error = message.starts_with("unknown field");
-        let origin = match (&entry, err.span()) {
+        let origin = match (&entry, err.span().filter(|_| !missing_section)) {
             (Some(e), _) if key_error => {
                 Origin::File(e.key_span.clone().unwrap_or(e.range.clone()))
             }
