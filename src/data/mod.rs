@@ -69,23 +69,33 @@ impl Datasets {
     }
 }
 
+/// Every dev/test example whose label the training split lacks, reported together.
 fn check_labels(split: &Split, labels: &[String]) -> Result<(), DataError> {
-    for e in &split.examples {
-        let Some(label) = &e.label else { continue };
-        if labels.binary_search(label).is_err() {
-            let mut shown: Vec<&str> = labels.iter().take(12).map(String::as_str).collect();
-            if labels.len() > 12 {
-                shown.push("…");
-            }
-            return Err(DataError::Line {
-                file: e.file.to_path_buf(),
-                line: e.line,
-                message: format!(
-                    "label {label:?} does not occur in the training split (its labels: {})",
-                    shown.join(", ")
-                ),
-            });
-        }
+    let unseen: Vec<&Example> = split
+        .examples
+        .iter()
+        .filter(|e| {
+            e.label
+                .as_ref()
+                .is_some_and(|l| labels.binary_search(l).is_err())
+        })
+        .collect();
+    if unseen.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let mut shown: Vec<&str> = labels.iter().take(12).map(String::as_str).collect();
+    if labels.len() > 12 {
+        shown.push("…");
+    }
+    Err(DataError::Lines {
+        problems: unseen
+            .iter()
+            .map(|e| {
+                let label = e.label.as_deref().unwrap_or_default();
+                let msg = format!("label {label:?} does not occur in the training split");
+                (e.file.to_path_buf(), e.line, msg)
+            })
+            .collect(),
+        hint: format!("(the training split's labels: {})", shown.join(", ")),
+    })
 }

@@ -34,6 +34,31 @@ pub enum DataError {
         line: usize,
         message: String,
     },
+    /// Every bad line found, so a user fixes them in one pass.
+    #[error("{}", list_lines(problems, hint))]
+    Lines {
+        /// `(file, line, message)`.
+        problems: Vec<(PathBuf, usize, String)>,
+        hint: String,
+    },
+}
+
+/// How many bad lines an error lists before it summarises the rest.
+const SHOWN: usize = 5;
+
+fn list_lines(problems: &[(PathBuf, usize, String)], hint: &str) -> String {
+    let mut out: Vec<String> = problems
+        .iter()
+        .take(SHOWN)
+        .map(|(file, line, msg)| format!("{}:{line}: {msg}", file.display()))
+        .collect();
+    if problems.len() > SHOWN {
+        out.push(format!("… and {} more bad lines", problems.len() - SHOWN));
+    }
+    if !hint.is_empty() {
+        out.push(hint.to_string());
+    }
+    out.join("\n")
 }
 
 /// What a split read: its examples and the lines it skipped.
@@ -73,12 +98,23 @@ pub fn read_source(
             on_error,
             split: &mut split,
             limit: spec.limit,
+            errors: Vec::new(),
         };
         match resolve_format(spec.format, &file) {
             Format::Csv => read_delimited(&mut sink, &fields, b',')?,
             Format::Tsv => read_delimited(&mut sink, &fields, b'\t')?,
             Format::Jsonl => read_jsonl(&mut sink, &fields)?,
             Format::Text | Format::Auto => read_text(&mut sink)?,
+        }
+        if !sink.errors.is_empty() {
+            return Err(DataError::Lines {
+                problems: sink
+                    .errors
+                    .into_iter()
+                    .map(|(line, msg)| (file.to_path_buf(), line, msg))
+                    .collect(),
+                hint: "(set data.on_error = \"skip\" to skip and count such lines instead)".into(),
+            });
         }
         if sink.full() {
             break;
@@ -105,6 +141,8 @@ struct Sink<'a> {
     on_error: OnError,
     split: &'a mut Split,
     limit: Option<usize>,
+    /// Bad lines under `on_error = "error"`: reading goes on so they are all reported together.
+    errors: Vec<(usize, String)>,
 }
 
 impl Sink<'_> {
@@ -114,11 +152,10 @@ impl Sink<'_> {
 
     fn bad(&mut self, line: usize, message: String) -> Result<(), DataError> {
         match self.on_error {
-            OnError::Error => Err(DataError::Line {
-                file: self.file.to_path_buf(),
-                line,
-                message: format!("{message} (set data.on_error = \"skip\" to skip such lines)"),
-            }),
+            OnError::Error => {
+                self.errors.push((line, message));
+                Ok(())
+            }
             OnError::Skip => {
                 self.split.skipped.push(Skipped {
                     file: self.file.display().to_string(),
