@@ -14,6 +14,17 @@ pub enum Objective {
     None,
 }
 
+impl Objective {
+    /// The name used in experiment files and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Mlm => "mlm",
+            Objective::Ar => "ar",
+            Objective::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {

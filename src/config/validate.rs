@@ -164,17 +164,9 @@ fn pretrain(c: &mut Checker, raw: &RawDoc) {
             "pretrain.objective",
             format!(
                 "`pretrain.objective = \"{}\"` needs an unlabeled corpus: add [data.corpus] or set objective = \"none\"",
-                objective_name(p.objective)
+                p.objective.name()
             ),
         );
-    }
-}
-
-pub fn objective_name(o: Objective) -> &'static str {
-    match o {
-        Objective::Mlm => "mlm",
-        Objective::Ar => "ar",
-        Objective::None => "none",
     }
 }
 

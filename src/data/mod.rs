@@ -60,7 +60,7 @@ impl Datasets {
     }
 
     /// Texts the tokenizer learns from: the corpus, or the training split when there is none.
-    pub fn tokenizer_texts(&self) -> impl Iterator<Item = &str> + Send {
+    pub fn tokenizer_texts(&self) -> impl Iterator<Item = &str> {
         let split = self.corpus.as_ref().unwrap_or(&self.train);
         split
             .examples

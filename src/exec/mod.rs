@@ -452,6 +452,3 @@ fn push_results(store: &mut Store, split: &str, s: &Scores, labels: &[String]) {
             .push(row("support", Some(label), c.support as f64));
     }
 }
-
-pub use stats::Encoded;
-pub use tasks::Labelled as EncodedSplit;

@@ -10,7 +10,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use minijinja::{context, Environment, Value};
 use serde::Serialize;
 
-use crate::config::train::Objective;
 use crate::config::Experiment;
 use crate::exec::SplitStats;
 use crate::metrics::classification::Scores;
@@ -49,11 +48,6 @@ pub struct RunSummary {
 
 impl RunSummary {
     pub fn new(exp: &Experiment, device: &DeviceInfo) -> Self {
-        let objective = match exp.raw.pretrain.objective {
-            Objective::Mlm => "mlm",
-            Objective::Ar => "ar",
-            Objective::None => "none",
-        };
         Self {
             name: exp.raw.experiment.name.clone(),
             description: exp.raw.experiment.description.clone(),
@@ -77,7 +71,7 @@ impl RunSummary {
             vocab_size: None,
             model: None,
             parameters: None,
-            objective: objective.to_string(),
+            objective: exp.raw.pretrain.objective.name().to_string(),
             scores: Vec::new(),
             stage_times: Vec::new(),
             failure: None,
