@@ -26,6 +26,11 @@ pub enum Command {
     Run(RunArgs),
     /// Check an experiment file and read its data without training; lists every error at once.
     Validate(FileArgs),
+    /// Re-render the report of a run directory from its stored results, without training.
+    Report {
+        /// A run directory, e.g. reports/clue_tnews.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -52,7 +57,16 @@ pub const EXIT_INVALID_INPUT: u8 = 2;
 
 /// `xrun FILE …` means `xrun run FILE …`.
 pub fn normalize_args(mut args: Vec<String>) -> Vec<String> {
-    let known = ["run", "validate", "help", "-h", "--help", "-V", "--version"];
+    let known = [
+        "run",
+        "validate",
+        "report",
+        "help",
+        "-h",
+        "--help",
+        "-V",
+        "--version",
+    ];
     if let Some(first) = args.get(1) {
         if !known.contains(&first.as_str()) {
             args.insert(1, "run".into());
@@ -66,6 +80,16 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(&args),
         Command::Validate(args) => validate(&args),
+        Command::Report { dir } => match crate::report::rerender(&dir) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_INVALID_INPUT)
+            }
+        },
     }
 }
 

@@ -405,3 +405,24 @@ fn a_stage_that_fails_midway_keeps_what_finished_and_says_so_in_the_report() {
     );
     assert!(html.contains("stage `tokenizer` failed"));
 }
+
+#[test]
+fn report_rerenders_a_run_without_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = smoke(tmp.path(), &[]);
+    let original = std::fs::read_to_string(run.join("index.html")).unwrap();
+    std::fs::remove_file(run.join("index.html")).unwrap();
+    let o = xrun(&root(), &["report", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(run.join("index.html")).unwrap(),
+        original
+    );
+    let missing = xrun(&root(), &["report", tmp.path().to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("is this a run directory?"),
+        "{}",
+        stderr(&missing)
+    );
+}

@@ -17,7 +17,7 @@ pub struct Example {
 }
 
 /// A line that was skipped, with why.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     pub file: String,
     pub line: usize,

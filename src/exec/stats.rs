@@ -1,7 +1,7 @@
 //! Token ids for every split, and the numbers the report shows about them: sizes, skipped lines,
 //! label distribution, token lengths, truncation and the unknown-token rate.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::tasks::Labelled;
 use crate::data::batch::rng;
@@ -9,7 +9,7 @@ use crate::data::{Datasets, Skipped, Split};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
 use rand::seq::SliceRandom;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SplitStats {
     pub name: String,
     pub examples: usize,
@@ -21,8 +21,8 @@ pub struct SplitStats {
     pub truncated: usize,
     /// Share of non-special tokens that are `[UNK]`.
     pub unk_rate: f64,
-    #[serde(skip)]
-    pub lengths: Vec<usize>,
+    /// `length_counts[n]`: examples of `n` tokens.
+    pub length_counts: Vec<usize>,
     /// `(label, count)` in label order; empty for the corpus.
     pub labels: Vec<(String, usize)>,
 }
@@ -71,7 +71,7 @@ fn encode_split(
         max_tokens: lengths.iter().copied().max().unwrap_or(0),
         truncated,
         unk_rate: unk as f64 / tokens.max(1) as f64,
-        lengths,
+        length_counts: counts_by_length(&lengths),
         labels: if name == "corpus" {
             Vec::new()
         } else {
@@ -79,6 +79,14 @@ fn encode_split(
         },
     };
     Ok((Labelled { ids, classes }, stats))
+}
+
+fn counts_by_length(lengths: &[usize]) -> Vec<usize> {
+    let mut counts = vec![0; lengths.iter().copied().max().map_or(0, |m| m + 1)];
+    for &l in lengths {
+        counts[l] += 1;
+    }
+    counts
 }
 
 pub fn encode_all(

@@ -1,9 +1,9 @@
 //! Classification metrics from predicted and true class ids: accuracy, macro-F1, per-class
 //! precision/recall/F1 and the confusion matrix (rows: true class, columns: predicted class).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PerClass {
     pub precision: f64,
     pub recall: f64,
@@ -11,7 +11,7 @@ pub struct PerClass {
     pub support: usize,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Scores {
     pub accuracy: f64,
     pub macro_f1: f64,

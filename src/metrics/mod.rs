@@ -104,6 +104,44 @@ fn write_atomic(
     std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
 }
 
+impl Store {
+    /// Reads the records of `metrics.parquet` back (results are not needed to re-render a report).
+    /// xrun writes no nulls, so every column is read as non-null.
+    pub fn read_records(dir: &Path) -> PolarsResult<Self> {
+        let df = read_parquet(&dir.join("metrics.parquet"))?;
+        let text = |name: &str| -> PolarsResult<Vec<String>> {
+            let column = df.column(name)?.str()?;
+            Ok((0..column.len())
+                .map(|i| column.get(i).unwrap_or_default().to_string())
+                .collect())
+        };
+        let int = |name: &str| -> PolarsResult<Vec<u64>> {
+            Ok(df.column(name)?.u64()?.into_no_null_iter().collect())
+        };
+        let float = |name: &str| -> PolarsResult<Vec<f64>> {
+            Ok(df.column(name)?.f64()?.into_no_null_iter().collect())
+        };
+        let (stage, split, metric) = (text("stage")?, text("split")?, text("metric")?);
+        let (step, epoch) = (int("step")?, int("epoch")?);
+        let (value, wall) = (float("value")?, float("wall_s")?);
+        let records = (0..df.height())
+            .map(|i| Record {
+                stage: stage[i].clone(),
+                step: step[i],
+                epoch: epoch[i],
+                split: split[i].clone(),
+                metric: metric[i].clone(),
+                value: value[i],
+                wall_s: wall[i],
+            })
+            .collect();
+        Ok(Self {
+            records,
+            results: Vec::new(),
+        })
+    }
+}
+
 /// Reads `metrics.parquet` back (for tests and `xrun report`).
 pub fn read_parquet(path: &Path) -> PolarsResult<DataFrame> {
     let file = std::fs::File::open(path)?;

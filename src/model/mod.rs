@@ -25,7 +25,7 @@ pub const INIT: Initializer = Initializer::Normal {
     std: 0.02,
 };
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BackboneConfig {
     pub vocab_size: usize,
     pub d_model: usize,

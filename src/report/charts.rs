@@ -76,6 +76,24 @@ pub fn lines(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Resu
     Ok(svg)
 }
 
+/// One rectangle per value on a segmented axis, in order. (plotters' `Histogram` groups its data in a
+/// hash map, so its SVG changed from one rendering to the next.)
+fn bar_rects(
+    values: impl Iterator<Item = f64>,
+    style: ShapeStyle,
+) -> impl Iterator<Item = Rectangle<(SegmentValue<u32>, f64)>> {
+    values.enumerate().map(move |(i, v)| {
+        let i = i as u32;
+        Rectangle::new(
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), v),
+            ],
+            style,
+        )
+    })
+}
+
 /// Vertical bars, one per category, labelled under the axis.
 pub fn bars(
     title: &str,
@@ -116,29 +134,20 @@ pub fn bars(
             .draw()
             .map_err(err)?;
         chart
-            .draw_series(
-                Histogram::vertical(&chart)
-                    .style(BLUE.mix(0.6).filled())
-                    .margin(2)
-                    .data(values.iter().enumerate().map(|(i, v)| (i as u32, *v))),
-            )
+            .draw_series(bar_rects(values.iter().copied(), BLUE.mix(0.6).filled()))
             .map_err(err)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
 }
 
-/// Histogram of integer lengths, one bar per length.
-pub fn length_histogram(title: &str, lengths: &[usize]) -> Result<String, String> {
+/// Histogram of lengths from `counts[length]`, one bar per length.
+pub fn length_histogram(title: &str, counts: &[usize]) -> Result<String, String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let max_len = lengths.iter().copied().max().unwrap_or(1) as u32;
-        let mut counts = vec![0u32; max_len as usize + 1];
-        for &l in lengths {
-            counts[l] += 1;
-        }
+        let max_len = (counts.len().max(2) - 1) as u32;
         let top = counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.08;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 16))
@@ -155,17 +164,10 @@ pub fn length_histogram(title: &str, lengths: &[usize]) -> Result<String, String
             .draw()
             .map_err(err)?;
         chart
-            .draw_series(
-                Histogram::vertical(&chart)
-                    .style(GREEN.mix(0.6).filled())
-                    .margin(0)
-                    .data(
-                        counts
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| (i as u32, *c as f64)),
-                    ),
-            )
+            .draw_series(bar_rects(
+                counts.iter().map(|&c| c as f64),
+                GREEN.mix(0.6).filled(),
+            ))
             .map_err(err)?;
         root.present().map_err(err)?;
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::{context, Environment, Value};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Experiment;
 use crate::exec::SplitStats;
@@ -20,7 +20,7 @@ use crate::train::backend::DeviceInfo;
 const TEMPLATE: &str = include_str!("../../templates/report.html");
 
 /// Everything the report says about a run besides the metric records.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
     pub name: String,
     pub description: String,
@@ -179,11 +179,13 @@ fn charts(summary: &RunSummary, store: &Store) -> Charts {
         ),
     ];
     let train = summary.data.iter().find(|s| s.name == "train");
-    let all_lengths: Vec<usize> = summary
-        .data
-        .iter()
-        .flat_map(|s| s.lengths.iter().copied())
-        .collect();
+    let mut all_lengths: Vec<usize> = Vec::new();
+    for s in &summary.data {
+        all_lengths.resize(all_lengths.len().max(s.length_counts.len()), 0);
+        for (n, c) in s.length_counts.iter().enumerate() {
+            all_lengths[n] += c;
+        }
+    }
     Charts {
         pretrain: nonempty(&pre)
             .then(|| charts::lines("Pretraining loss", "step", "cross-entropy", &pre).ok())
@@ -207,6 +209,27 @@ fn charts(summary: &RunSummary, store: &Store) -> Charts {
 
 fn safe_svg(svg: Option<String>) -> Value {
     svg.map_or(Value::from(()), Value::from_safe_string)
+}
+
+/// Re-renders `index.html` of a finished (or failed) run from its `summary.json` and
+/// `metrics.parquet`, without training.
+pub fn rerender(run_dir: &Path) -> Result<PathBuf, String> {
+    let summary_path = run_dir.join("summary.json");
+    let text = std::fs::read_to_string(&summary_path).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (is this a run directory?)",
+            summary_path.display()
+        )
+    })?;
+    let summary: RunSummary =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", summary_path.display()))?;
+    let store = Store::read_records(run_dir).map_err(|e| {
+        format!(
+            "cannot read {}: {e}",
+            run_dir.join("metrics.parquet").display()
+        )
+    })?;
+    write(run_dir, &summary, &store)
 }
 
 /// Renders `index.html` into `run_dir` and saves the view model as `summary.json`.
