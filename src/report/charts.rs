@@ -110,7 +110,7 @@ pub fn bars(
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 16))
             .margin(12)
-            .x_label_area_size(96)
+            .x_label_area_size(if categories.len() > 8 { 96 } else { 30 })
             .y_label_area_size(56)
             .build_cartesian_2d((0u32..n - 1).into_segmented(), 0.0..top)
             .map_err(err)?;
@@ -120,11 +120,13 @@ pub fn bars(
             .disable_x_mesh()
             .y_desc(y_desc)
             .x_labels(categories.len().min(30))
-            .x_label_style(
+            .x_label_style(if categories.len() > 8 {
                 ("sans-serif", 11)
                     .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
+                    .transform(FontTransform::Rotate90)
+            } else {
+                ("sans-serif", 12).into_font()
+            })
             .x_label_formatter(&|v| match v {
                 SegmentValue::CenterOf(i) if (*i as usize) % every == 0 => {
                     categories.get(*i as usize).cloned().unwrap_or_default()
