@@ -426,3 +426,63 @@ fn report_rerenders_a_run_without_training() {
         stderr(&missing)
     );
 }
+
+#[test]
+fn sentence_pairs_are_read_and_joined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[experiment]
+name = "pairs"
+output_dir = "{out}"
+
+[data]
+root = "{root}/../shared/data/fewclue/ocnli"
+
+[data.train]
+paths = ["train_0.json"]
+text = "sentence1"
+text_pair = "sentence2"
+label = "label"
+
+[data.test]
+paths = ["dev_0.json"]
+text = "sentence1"
+text_pair = "sentence2"
+label = "label"
+
+[tokenizer]
+vocab_size = 1000
+
+[model]
+d_model = 16
+layers = 1
+heads = 2
+d_ff = 32
+max_len = 96
+
+[pretrain]
+objective = "none"
+
+[finetune]
+epochs = 1
+"#,
+        out = tmp.path().display(),
+        root = root().display()
+    );
+    std::fs::write(tmp.path().join("pairs.toml"), toml).unwrap();
+    let o = xrun(tmp.path(), &["pairs.toml", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("pairs/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        summary["labels"],
+        serde_json::json!(["contradiction", "entailment", "neutral"])
+    );
+    let train = &summary["data"][0];
+    assert_eq!(train["name"], "train");
+    // Two texts and three special tokens per example: longer than either sentence alone.
+    assert!(train["mean_tokens"].as_f64().unwrap() > 25.0, "{train}");
+}
