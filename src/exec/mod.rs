@@ -68,9 +68,19 @@ pub fn check_data(exp: &Experiment) -> Result<Datasets, RunError> {
 }
 
 pub fn run(exp: &Experiment, opts: &Options) -> Result<Outcome, RunError> {
-    let info = backend::resolve(exp.raw.experiment.backend)?;
-    let device = Default::default();
-    run_on::<backend::CpuTrain>(exp, opts, info, device)
+    backend::dispatch(exp.raw.experiment.backend, RunJob { exp, opts })?
+}
+
+struct RunJob<'a> {
+    exp: &'a Experiment,
+    opts: &'a Options,
+}
+
+impl backend::Job for RunJob<'_> {
+    type Output = Result<Outcome, RunError>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, info: DeviceInfo) -> Self::Output {
+        run_on::<B>(self.exp, self.opts, info, device)
+    }
 }
 
 /// Wall-clock time per stage, in the order they ran.

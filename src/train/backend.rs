@@ -22,8 +22,24 @@ pub enum BackendError {
     NotBuilt(&'static str),
 }
 
-/// The backends a choice resolves to. `auto` falls back to the CPU when no GPU backend is built in.
-pub fn resolve(choice: BackendChoice) -> Result<DeviceInfo, BackendError> {
+/// Work generic over the training backend; `dispatch` picks the backend and runs it.
+pub trait Job {
+    type Output;
+    fn run<B: burn::tensor::backend::AutodiffBackend>(
+        self,
+        device: B::Device,
+        info: DeviceInfo,
+    ) -> Self::Output;
+}
+
+/// Runs `job` on the backend `choice` names. `auto` falls back to the CPU when no GPU backend is
+/// built in.
+pub fn dispatch<J: Job>(choice: BackendChoice, job: J) -> Result<J::Output, BackendError> {
+    let info = resolve(choice)?;
+    Ok(job.run::<CpuTrain>(Default::default(), info))
+}
+
+fn resolve(choice: BackendChoice) -> Result<DeviceInfo, BackendError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     match choice {
         BackendChoice::Cpu | BackendChoice::Auto => Ok(DeviceInfo {
