@@ -146,7 +146,7 @@ fn run(args: &RunArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            if e.exit_code() == 1 {
+            if e.exit_code() == 1 && exp.run_dir().join("summary.json").is_file() {
                 eprintln!(
                     "what finished before is kept in {}",
                     exp.run_dir().display()

@@ -486,3 +486,48 @@ epochs = 1
     // Two texts and three special tokens per example: longer than either sentence alone.
     assert!(train["mean_tokens"].as_f64().unwrap() > 25.0, "{train}");
 }
+
+#[test]
+fn a_second_run_on_the_same_directory_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_set = format!("experiment.output_dir={}", tmp.path().display());
+    let args = [
+        "experiments/smoke.toml",
+        "-q",
+        "--set",
+        &out_set,
+        "--set",
+        "pretrain.steps=100000",
+    ];
+    let mut first = Command::new(XRUN)
+        .current_dir(root())
+        .args(args)
+        .env_remove("XRUN_DATA_ROOT")
+        .spawn()
+        .unwrap();
+    // The lock file holds the first run's pid once the lock is taken.
+    let lock = tmp.path().join("smoke/.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&lock).map_or(true, |s| s.trim().is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first run never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = xrun(&root(), &args);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(second.status.code(), Some(1), "{}", stderr(&second));
+    let err = stderr(&second);
+    assert!(
+        err.contains(&format!("xrun (pid {}) is already running", first.id())),
+        "{err}"
+    );
+    // Once the first is gone the directory is free again.
+    let third = xrun(
+        &root(),
+        &["experiments/smoke.toml", "-q", "--set", &out_set],
+    );
+    assert!(third.status.success(), "{}", stderr(&third));
+}

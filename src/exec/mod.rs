@@ -109,6 +109,8 @@ fn run_on<B: AutodiffBackend>(
     let io = stage_err("setup");
     std::fs::create_dir_all(run_dir.join("checkpoints"))
         .map_err(|e| io(format!("cannot create {}: {e}", run_dir.display())))?;
+    // Held until this function returns: a second xrun on the same run directory refuses.
+    let _lock = lock_run_dir(&run_dir)?;
     std::fs::write(run_dir.join("config.resolved.toml"), exp.resolved_toml())
         .map_err(|e| io(format!("cannot write config.resolved.toml: {e}")))?;
     let mut clock = Clock::default();
@@ -245,6 +247,43 @@ fn stages<B: AutodiffBackend>(
         )
     });
     Ok(())
+}
+
+/// Takes an exclusive lock on `<run_dir>/.lock` (released when the file is dropped or the process
+/// dies) and writes this process's id into it, so the refusal can say who holds it.
+fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File, RunError> {
+    use std::io::{Read, Seek, Write};
+    let err = stage_err("setup");
+    let path = run_dir.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+    if let Err(e) = file.try_lock() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        let who = if holder.is_empty() {
+            "another xrun".to_string()
+        } else {
+            format!("xrun (pid {holder})")
+        };
+        return Err(err(format!(
+            "{who} is already running in {} ({e}); wait for it to finish or set another \
+             experiment.output_dir",
+            run_dir.display()
+        )));
+    }
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| write!(file, "{}", std::process::id()))
+        .and_then(|()| file.flush());
+    written.map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
+    Ok(file)
 }
 
 fn log(opts: &Options, line: &str) {
