@@ -91,7 +91,7 @@ fn model(c: &mut Checker, raw: &RawDoc) {
     c.at_least("model.d_ff", m.d_ff, 1);
     c.at_least("model.max_len", m.max_len, 8);
     c.in_range("model.dropout", m.dropout, 0.0, 1.0, true);
-    if m.heads > 0 && m.d_model % m.heads != 0 {
+    if m.heads > 0 && !m.d_model.is_multiple_of(m.heads) {
         let path = if c.places.is_set("model.heads") {
             "model.heads"
         } else {

@@ -128,7 +128,7 @@ pub fn bars(
                 ("sans-serif", 12).into_font()
             })
             .x_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) if (*i as usize) % every == 0 => {
+                SegmentValue::CenterOf(i) if (*i as usize).is_multiple_of(every) => {
                     categories.get(*i as usize).cloned().unwrap_or_default()
                 }
                 _ => String::new(),

@@ -54,7 +54,7 @@ impl Progress {
             .set_message(format!("epoch {epoch} loss {loss:.4}"));
         if let Some(stage) = &self.plain {
             let every = (self.total / 10).max(1);
-            if step % every == 0 || step == self.total {
+            if step.is_multiple_of(every) || step == self.total {
                 eprintln!(
                     "{stage}: step {step}/{} (epoch {epoch}), loss {loss:.4}, {:.0} s",
                     self.total,
