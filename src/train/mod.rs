@@ -92,7 +92,11 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     progress: &mut Progress,
 ) -> Result<Fitted<<T::Model as AutodiffModule<B>>::InnerModule>, TrainError> {
     let mut optimizer = adamw(optim).init::<B, T::Model>();
-    let started = Instant::now();
+    let mut rec = Recorder {
+        stage,
+        store,
+        started: Instant::now(),
+    };
     let mut select = Selection {
         best: None,
         stale: 0,
@@ -118,38 +122,21 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optimizer.step(lr, model, grads);
             step += 1;
-            let wall = started.elapsed().as_secs_f64();
-            push(store, stage, step, epoch, "train", "loss", value, wall);
-            push(store, stage, step, epoch, "train", "lr", lr, wall);
+            rec.push(step, epoch, "train", "loss", value);
+            rec.push(step, epoch, "train", "lr", lr);
             progress.step(step, epoch + 1, value);
             let due = budget.eval_every.is_some_and(|n| step % n == 0) || step == budget.max_steps;
             if due && !budget.eval_each_epoch {
-                evaluate(
-                    task,
-                    &model,
-                    &mut select,
-                    step,
-                    epoch,
-                    stage,
-                    store,
-                    started,
-                );
+                let snapshot = model.valid();
+                select.observe(task.evaluate(&snapshot), snapshot, step, epoch, &mut rec);
             }
             if step >= budget.max_steps {
                 break;
             }
         }
         if budget.eval_each_epoch {
-            evaluate(
-                task,
-                &model,
-                &mut select,
-                step,
-                epoch,
-                stage,
-                store,
-                started,
-            );
+            let snapshot = model.valid();
+            select.observe(task.evaluate(&snapshot), snapshot, step, epoch, &mut rec);
             if budget.patience > 0 && select.stale >= budget.patience && step < budget.max_steps {
                 stopped_early = true;
                 break;
@@ -173,51 +160,46 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn evaluate<B: AutodiffBackend, T: Task<B>>(
-    task: &T,
-    model: &T::Model,
-    select: &mut Selection<<T::Model as AutodiffModule<B>>::InnerModule>,
-    step: usize,
-    epoch: usize,
-    stage: &str,
-    store: &mut Store,
+/// Writes one stage's records into the store, stamped with the time since the stage started.
+struct Recorder<'a> {
+    stage: &'a str,
+    store: &'a mut Store,
     started: Instant,
-) {
-    let snapshot = model.valid();
-    let eval = task.evaluate(&snapshot);
-    let wall = started.elapsed().as_secs_f64();
-    for (split, metric, value) in &eval.metrics {
-        push(store, stage, step, epoch, split, metric, *value, wall);
-    }
-    let Some(score) = eval.score else { return };
-    let improved = select.best.as_ref().is_none_or(|b| score > b.0);
-    if improved {
-        select.best = Some((score, step, snapshot));
-        select.stale = 0;
-    } else {
-        select.stale += 1;
+}
+
+impl Recorder<'_> {
+    fn push(&mut self, step: usize, epoch: usize, split: &str, metric: &str, value: f64) {
+        self.store.records.push(Record {
+            stage: self.stage.into(),
+            step: step as u64,
+            epoch: epoch as u64 + 1,
+            split: split.into(),
+            metric: metric.into(),
+            value,
+            wall_s: self.started.elapsed().as_secs_f64(),
+        });
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn push(
-    store: &mut Store,
-    stage: &str,
-    step: usize,
-    epoch: usize,
-    split: &str,
-    metric: &str,
-    value: f64,
-    wall_s: f64,
-) {
-    store.records.push(Record {
-        stage: stage.into(),
-        step: step as u64,
-        epoch: epoch as u64 + 1,
-        split: split.into(),
-        metric: metric.into(),
-        value,
-        wall_s,
-    });
+impl<M: Clone> Selection<M> {
+    /// Records an evaluation of `snapshot` and keeps it if it scores best so far.
+    fn observe(
+        &mut self,
+        eval: Evaluation,
+        snapshot: M,
+        step: usize,
+        epoch: usize,
+        rec: &mut Recorder,
+    ) {
+        for (split, metric, value) in &eval.metrics {
+            rec.push(step, epoch, split, metric, *value);
+        }
+        let Some(score) = eval.score else { return };
+        if self.best.as_ref().is_none_or(|b| score > b.0) {
+            self.best = Some((score, step, snapshot));
+            self.stale = 0;
+        } else {
+            self.stale += 1;
+        }
+    }
 }
