@@ -306,16 +306,7 @@ fn humanize(message: &str, path: &str, origin: Origin) -> Diagnostic {
 
 /// `lr = …` written in [finetune] instead of [finetune.optim] is the commonest slip; say so.
 fn misplaced_optim_key(bad: &str, known: &[String]) -> Option<String> {
-    let optim_keys = [
-        "lr",
-        "betas",
-        "eps",
-        "weight_decay",
-        "warmup_fraction",
-        "schedule",
-        "clip_norm",
-    ];
-    (known.iter().any(|k| k == "optim") && optim_keys.contains(&bad)).then(|| {
+    (known.iter().any(|k| k == "optim") && train::OPTIM_KEYS.contains(&bad)).then(|| {
         format!("`{bad}` belongs in the `optim` table of this section, e.g. [finetune.optim]")
     })
 }
@@ -407,5 +398,45 @@ impl Places<'_> {
 
     pub fn is_set(&self, path: &str) -> bool {
         !matches!(self.of(path), Origin::Nowhere)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys serde writes for a value, in order.
+    fn keys<T: Serialize>(value: &T) -> Vec<String> {
+        let table = toml::Value::try_from(value).expect("serializes");
+        table.as_table().expect("a table").keys().cloned().collect()
+    }
+
+    /// The hand-kept name lists must match the structs serde reads.
+    #[test]
+    fn section_and_optim_key_lists_match_the_schema() {
+        let raw: RawDoc = toml::from_str(
+            "[experiment]\nname = \"x\"\n[data.train]\npaths = [\"t.json\"]\nlabel = \"l\"\n",
+        )
+        .expect("a minimal file parses");
+        let mut sections = keys(&raw);
+        sections.sort();
+        let mut expected: Vec<String> = SECTIONS.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        assert_eq!(sections, expected);
+
+        let full = train::OptimSection {
+            lr: Some(1e-3),
+            betas: Some([0.9, 0.99]),
+            eps: Some(1e-8),
+            weight_decay: Some(0.0),
+            warmup_fraction: Some(0.1),
+            schedule: Some(train::Schedule::Cosine),
+            clip_norm: Some(1.0),
+        };
+        let mut optim = keys(&full);
+        optim.sort();
+        let mut expected: Vec<String> = train::OPTIM_KEYS.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        assert_eq!(optim, expected);
     }
 }

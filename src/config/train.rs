@@ -51,6 +51,17 @@ pub struct OptimSection {
     pub clip_norm: Option<f64>,
 }
 
+/// The keys of `OptimSection`, for the "belongs in [….optim]" hint (a test keeps them in step).
+pub const OPTIM_KEYS: [&str; 7] = [
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "warmup_fraction",
+    "schedule",
+    "clip_norm",
+];
+
 /// `OptimSection` with every default filled in; the stage decides the default learning rate.
 #[derive(Debug, Clone, Serialize)]
 pub struct Optim {

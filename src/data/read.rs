@@ -150,30 +150,19 @@ impl Sink<'_> {
         self.limit.is_some_and(|l| self.split.examples.len() >= l)
     }
 
-    fn bad(&mut self, line: usize, message: String) -> Result<(), DataError> {
+    /// Records a bad line: kept for the error report, or skipped and counted.
+    fn bad(&mut self, line: usize, message: String) {
         match self.on_error {
-            OnError::Error => {
-                self.errors.push((line, message));
-                Ok(())
-            }
-            OnError::Skip => {
-                self.split.skipped.push(Skipped {
-                    file: self.file.display().to_string(),
-                    line,
-                    reason: message,
-                });
-                Ok(())
-            }
+            OnError::Error => self.errors.push((line, message)),
+            OnError::Skip => self.split.skipped.push(Skipped {
+                file: self.file.display().to_string(),
+                line,
+                reason: message,
+            }),
         }
     }
 
-    fn push(
-        &mut self,
-        line: usize,
-        text: String,
-        pair: Option<String>,
-        label: Option<String>,
-    ) -> Result<(), DataError> {
+    fn push(&mut self, line: usize, text: String, pair: Option<String>, label: Option<String>) {
         if text.trim().is_empty() || pair.as_deref().is_some_and(|p| p.trim().is_empty()) {
             return self.bad(line, "empty text".into());
         }
@@ -187,7 +176,6 @@ impl Sink<'_> {
             file: self.file.clone(),
             line,
         });
-        Ok(())
     }
 
     fn read_to_string(&self) -> Result<String, DataError> {
@@ -212,7 +200,7 @@ fn read_text(sink: &mut Sink) -> Result<(), DataError> {
         if sink.full() {
             break;
         }
-        sink.push(i + 1, line.trim_end_matches('\r').to_string(), None, None)?;
+        sink.push(i + 1, line.trim_end_matches('\r').to_string(), None, None);
     }
     Ok(())
 }
@@ -231,11 +219,11 @@ fn read_jsonl(sink: &mut Sink, fields: &Fields) -> Result<(), DataError> {
         let record = match serde_json::from_str::<serde_json::Value>(line) {
             Ok(serde_json::Value::Object(map)) => map,
             Ok(_) => {
-                sink.bad(line_no, "expected a JSON object".into())?;
+                sink.bad(line_no, "expected a JSON object".into());
                 continue;
             }
             Err(e) => {
-                sink.bad(line_no, format!("invalid JSON: {e}"))?;
+                sink.bad(line_no, format!("invalid JSON: {e}"));
                 continue;
             }
         };
@@ -263,8 +251,8 @@ fn read_jsonl(sink: &mut Sink, fields: &Fields) -> Result<(), DataError> {
             Ok::<_, String>((text, pair, label))
         })();
         match parsed {
-            Ok((text, pair, label)) => sink.push(line_no, text, pair, label)?,
-            Err(msg) => sink.bad(line_no, msg)?,
+            Ok((text, pair, label)) => sink.push(line_no, text, pair, label),
+            Err(msg) => sink.bad(line_no, msg),
         }
     }
     Ok(())
@@ -325,11 +313,11 @@ fn read_delimited(sink: &mut Sink, fields: &Fields, delimiter: u8) -> Result<(),
                     cell(text_col),
                     pair_col.map(cell),
                     label_col.map(cell),
-                )?;
+                );
             }
             Err(e) => {
                 let line = e.position().map_or(0, |p| line_at(&content, p.byte()));
-                sink.bad(line, format!("malformed row: {e}"))?;
+                sink.bad(line, format!("malformed row: {e}"));
             }
         }
     }

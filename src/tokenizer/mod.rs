@@ -5,11 +5,10 @@
 //! Special tokens are added by xrun, not by a post-processor, so WordPiece, BPE and loaded files all
 //! produce `[CLS] a [SEP]` (or `[CLS] a [SEP] b [SEP]`) the same way, truncated to `max_len`.
 
-use std::path::Path;
-
 mod vocab;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
@@ -76,11 +75,7 @@ impl TextTokenizer {
             TokenizerKind::Wordpiece => train_wordpiece(cfg, texts)?,
             TokenizerKind::Bpe => train_bpe(cfg, texts)?,
             TokenizerKind::File => {
-                let path = base_dir.join(cfg.path.as_deref().unwrap_or("tokenizer.json"));
-                Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                })?
+                return Self::load(&base_dir.join(cfg.path.as_deref().unwrap_or("tokenizer.json")));
             }
         };
         Self::from_tokenizer(inner, "the trained tokenizer")
@@ -160,10 +155,6 @@ impl TextTokenizer {
             out.push(self.specials.sep);
         }
         Ok((out, truncated))
-    }
-
-    pub fn token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
     }
 }
 
