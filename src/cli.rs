@@ -1,5 +1,6 @@
-//! Command line: `xrun FILE` (same as `xrun run FILE`), `xrun validate FILE`. Errors are printed once,
-//! here, and mapped to exit codes: 0 success, 1 a stage failed, 2 invalid input.
+//! Command line: `xrun FILE` (same as `xrun run FILE`), `xrun validate FILE`, `xrun plan FILE`,
+//! `xrun report DIR`, `xrun gc`. Errors are printed once, here, and mapped to exit codes: 0 success,
+//! 1 a stage failed, 2 invalid input.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config;
 use crate::exec::{self, Options};
+use crate::plan::Trial;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,10 +28,30 @@ pub enum Command {
     Run(RunArgs),
     /// Check an experiment file and read its data without training; lists every error at once.
     Validate(FileArgs),
+    /// List the trials × stages an experiment needs and which are already cached; trains nothing.
+    Plan {
+        #[command(flatten)]
+        file: FileArgs,
+        /// Also print every stage's cache key inputs.
+        #[arg(long, short)]
+        verbose: bool,
+    },
     /// Re-render the report of a run directory from its stored results, without training.
     Report {
         /// A run directory, e.g. reports/clue_tnews.
         dir: PathBuf,
+    },
+    /// Remove cache entries that no run directory's plan references.
+    Gc {
+        /// The output folder whose run directories are kept (their plan.json files).
+        #[arg(default_value = "reports")]
+        output_dir: PathBuf,
+        /// The cache to clean; default `<output_dir>/.cache`.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -61,6 +83,8 @@ pub fn normalize_args(mut args: Vec<String>) -> Vec<String> {
         "run",
         "validate",
         "report",
+        "plan",
+        "gc",
         "help",
         "-h",
         "--help",
@@ -80,6 +104,24 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(&args),
         Command::Validate(args) => validate(&args),
+        Command::Plan { file, verbose } => plan(&file, verbose),
+        Command::Gc {
+            output_dir,
+            cache,
+            dry_run,
+        } => {
+            let cache = cache.unwrap_or_else(|| output_dir.join(".cache"));
+            match crate::exec::gc(&output_dir, &cache, dry_run) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_INVALID_INPUT)
+                }
+            }
+        }
         Command::Report { dir } => match crate::report::rerender(&dir) {
             Ok(path) => {
                 println!("{}", path.display());
@@ -93,19 +135,59 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load(args: &FileArgs) -> Result<config::Experiment, ExitCode> {
-    config::load(&args.file, &args.sets).map_err(|e| {
+fn load(args: &FileArgs) -> Result<(config::Experiment, Vec<Trial>), ExitCode> {
+    let fail = |e: config::ConfigErrors| {
         eprintln!("{e}");
         ExitCode::from(EXIT_INVALID_INPUT)
-    })
+    };
+    let exp = config::load(&args.file, &args.sets).map_err(fail)?;
+    let trials = crate::plan::expand(&exp).map_err(fail)?;
+    Ok((exp, trials))
+}
+
+fn plan(args: &FileArgs, verbose: bool) -> ExitCode {
+    let (exp, trials) = match load(args) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match exec::plan_text(&exp, &trials, verbose) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
 }
 
 fn validate(args: &FileArgs) -> ExitCode {
-    let exp = match load(args) {
-        Ok(exp) => exp,
+    let (_, trials) = match load(args) {
+        Ok(x) => x,
         Err(code) => return code,
     };
-    match exec::check_data(&exp) {
+    // Every trial's data is read: a split sweep names different files per trial.
+    let mut checked = None;
+    for t in &trials {
+        match exec::check_data(&t.exp) {
+            Ok(data) => checked = checked.or(Some(data)),
+            Err(e) => {
+                if trials.len() > 1 {
+                    eprintln!("error: in trial {}: {e}", t.id);
+                } else {
+                    eprintln!("error: {e}");
+                }
+                return ExitCode::from(e.exit_code() as u8);
+            }
+        }
+    }
+    let trial_note = if trials.len() > 1 {
+        format!("{} trials; first trial: ", trials.len())
+    } else {
+        String::new()
+    };
+    match checked.ok_or_else(|| exec::RunError::Input("no trials".into())) {
         Ok(data) => {
             let skipped: usize = [&data.corpus, &data.dev, &data.test]
                 .into_iter()
@@ -116,8 +198,9 @@ fn validate(args: &FileArgs) -> ExitCode {
             let plural =
                 |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
             println!(
-                "{}: valid ({}, {}, {} skipped)",
+                "{}: valid ({}{}, {}, {} skipped)",
                 args.file.display(),
+                trial_note,
                 plural(data.train.examples.len(), "train example"),
                 plural(data.labels.len(), "label"),
                 plural(skipped, "line")
@@ -132,11 +215,11 @@ fn validate(args: &FileArgs) -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
-    let exp = match load(&args.file) {
-        Ok(exp) => exp,
+    let (exp, trials) = match load(&args.file) {
+        Ok(x) => x,
         Err(code) => return code,
     };
-    match exec::run(&exp, &Options { quiet: args.quiet }) {
+    match exec::run(&exp, &trials, &Options { quiet: args.quiet }) {
         Ok(outcome) => {
             if let Some(acc) = outcome.test_accuracy {
                 eprintln!("test accuracy: {:.2}%", acc * 100.0);
@@ -146,7 +229,7 @@ fn run(args: &RunArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            if e.exit_code() == 1 && exp.run_dir().join("summary.json").is_file() {
+            if exp.run_dir().join("study.json").is_file() {
                 eprintln!(
                     "what finished before is kept in {}",
                     exp.run_dir().display()

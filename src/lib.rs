@@ -8,6 +8,7 @@ pub mod data;
 pub mod exec;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod report;
 pub mod tokenizer;
 pub mod train;

@@ -41,12 +41,26 @@ fn read_csv(path: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn result(rows: &[Vec<String>], split: &str, metric: &str) -> f64 {
+/// A study's results.csv row value, found by column name (the swept keys sit between `trial` and
+/// `status`).
+fn result_of(rows: &[Vec<String>], trial: &str, split: &str, metric: &str) -> f64 {
+    let col = |name: &str| rows[0].iter().position(|h| h == name).unwrap();
+    let (t, s, m, c, v) = (
+        col("trial"),
+        col("split"),
+        col("metric"),
+        col("class"),
+        col("value"),
+    );
     rows.iter()
-        .find(|r| r[0] == split && r[1] == metric && r[2].is_empty())
-        .unwrap_or_else(|| panic!("no {split}/{metric} in results.csv"))[3]
+        .find(|r| r[t] == trial && r[s] == split && r[m] == metric && r[c].is_empty())
+        .unwrap_or_else(|| panic!("no {trial} {split}/{metric} in results.csv"))[v]
         .parse()
         .unwrap()
+}
+
+fn result(rows: &[Vec<String>], split: &str, metric: &str) -> f64 {
+    result_of(rows, "base", split, metric)
 }
 
 fn records(run: &Path, stage: &str, split: &str, metric: &str) -> Vec<f64> {
@@ -73,10 +87,13 @@ fn smoke_runs_end_to_end_and_its_outputs_agree() {
         "metrics.parquet",
         "results.csv",
         "config.resolved.toml",
-        "tokenizer.json",
-        "summary.json",
-        "checkpoints/pretrain.mpk",
-        "checkpoints/finetune.mpk",
+        "study.json",
+        "journal.jsonl",
+        "trials/base/tokenizer.json",
+        "trials/base/summary.json",
+        "trials/base/index.html",
+        "trials/base/checkpoints/pretrain.mpk",
+        "trials/base/checkpoints/finetune.mpk",
     ] {
         assert!(run.join(f).is_file(), "{f} missing");
     }
@@ -96,7 +113,10 @@ fn smoke_runs_end_to_end_and_its_outputs_agree() {
 
     // results.csv, metrics.parquet and the report tell the same story.
     let rows = read_csv(&run.join("results.csv"));
-    assert_eq!(rows[0], vec!["split", "metric", "class", "value"]);
+    assert_eq!(
+        rows[0],
+        vec!["trial", "status", "split", "metric", "class", "value"]
+    );
     let test_acc = result(&rows, "test", "accuracy");
     assert!((0.0..=1.0).contains(&test_acc));
     assert_eq!(result(&rows, "test", "examples"), 200.0);
@@ -350,7 +370,7 @@ fn skipped_lines_are_counted_when_the_file_says_skip() {
 fn a_saved_tokenizer_can_be_loaded_by_the_next_experiment() {
     let tmp = tempfile::tempdir().unwrap();
     let first = smoke(&tmp.path().join("a"), &["--set", "pretrain.objective=none"]);
-    let saved = first.join("tokenizer.json");
+    let saved = first.join("trials/base/tokenizer.json");
     let path_set = format!("tokenizer.path={}", saved.display());
     let second = smoke(
         &tmp.path().join("b"),
@@ -375,7 +395,7 @@ fn a_stage_that_fails_midway_keeps_what_finished_and_says_so_in_the_report() {
     let tmp = tempfile::tempdir().unwrap();
     let first = smoke(&tmp.path().join("a"), &["--set", "pretrain.objective=none"]);
     let broken = tmp.path().join("no_mask.json");
-    let json = std::fs::read_to_string(first.join("tokenizer.json")).unwrap();
+    let json = std::fs::read_to_string(first.join("trials/base/tokenizer.json")).unwrap();
     std::fs::write(&broken, json.replace("[MASK]", "[MASQ]")).unwrap();
     let out_set = format!("experiment.output_dir={}", tmp.path().join("b").display());
     let path_set = format!("tokenizer.path={}", broken.display());
@@ -474,7 +494,7 @@ epochs = 1
     let o = xrun(tmp.path(), &["pairs.toml", "-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("pairs/summary.json")).unwrap(),
+        &std::fs::read_to_string(tmp.path().join("pairs/trials/base/summary.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(

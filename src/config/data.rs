@@ -33,6 +33,8 @@ pub struct DataSection {
     pub root: String,
     #[serde(default = "default_on_error")]
     pub on_error: OnError,
+    /// Fills `{split}` in every path (a number or a name); usually set by `[sweep] split = [...]`.
+    pub split: Option<toml::Value>,
     /// Unlabeled text for pretraining and for training the tokenizer.
     pub corpus: Option<SourceSpec>,
     pub train: SourceSpec,

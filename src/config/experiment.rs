@@ -26,6 +26,12 @@ pub struct ExperimentSection {
     /// Relative to the working directory xrun is started from.
     #[serde(default = "default_output_dir")]
     pub output_dir: String,
+    /// Stage cache shared by every experiment that points at it; default `<output_dir>/.cache`.
+    /// Relative to the working directory.
+    pub cache_dir: Option<String>,
+    /// Save a resumable checkpoint every this many optimiser steps (and at every epoch end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
 }
 
 fn default_seed() -> u64 {
@@ -33,6 +39,9 @@ fn default_seed() -> u64 {
 }
 fn default_backend() -> BackendChoice {
     BackendChoice::Cpu
+}
+fn default_checkpoint_every() -> usize {
+    100
 }
 fn default_output_dir() -> String {
     "reports".into()

@@ -9,6 +9,7 @@ pub mod data;
 mod diagnostic;
 pub mod experiment;
 pub mod model;
+pub mod sweep;
 pub mod train;
 mod validate;
 
@@ -22,10 +23,11 @@ use data::DataSection;
 pub use diagnostic::{suggest, ConfigErrors, Diagnostic, Origin};
 use experiment::ExperimentSection;
 use model::{ModelSection, TokenizerSection};
+use sweep::{ReportSection, SweepSection};
 use train::{EvalSection, FinetuneSection, Optim, PretrainSection, FINETUNE_LR, PRETRAIN_LR};
 
 /// The sections of an experiment file, as `RawDoc` names them.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 9] = [
     "experiment",
     "data",
     "tokenizer",
@@ -33,6 +35,8 @@ const SECTIONS: [&str; 7] = [
     "pretrain",
     "finetune",
     "eval",
+    "sweep",
+    "report",
 ];
 
 /// The whole file as serde sees it. Unknown sections and keys are errors.
@@ -51,6 +55,10 @@ pub struct RawDoc {
     pub finetune: FinetuneSection,
     #[serde(default)]
     pub eval: EvalSection,
+    #[serde(default)]
+    pub sweep: SweepSection,
+    #[serde(default)]
+    pub report: ReportSection,
 }
 
 /// A checked experiment: every value in range, every input file present.
@@ -61,6 +69,10 @@ pub struct Experiment {
     /// Folder every data path is relative to (`data.root`, `XRUN_DATA_ROOT` or `--set data.root`).
     pub data_root: PathBuf,
     pub raw: RawDoc,
+    /// The file's text and the `--set` overrides, kept so that each trial of a sweep can be checked
+    /// again with errors pointing into the same file.
+    pub source: String,
+    pub sets: Vec<String>,
 }
 
 impl Experiment {
@@ -69,7 +81,32 @@ impl Experiment {
     }
 
     pub fn data_path(&self, p: &str) -> PathBuf {
-        self.data_root.join(p)
+        self.data_root
+            .join(fill_split(p, self.raw.data.split.as_ref()))
+    }
+
+    /// Where a dotted key is written in the file; the nearest written table above it otherwise
+    /// (quoted keys such as `"pretrain.objective"` hold dots of their own).
+    pub fn origin_of(&self, path: &str) -> Origin {
+        let places = Places {
+            doc: self.source.parse::<ImDocument<String>>().ok(),
+            sets: &[],
+            assigned: Vec::new(),
+        };
+        let parts: Vec<&str> = path.split('.').collect();
+        (1..=parts.len())
+            .rev()
+            .map(|n| places.of(&parts[..n].join(".")))
+            .find(|o| !matches!(o, Origin::Nowhere))
+            .unwrap_or(Origin::Nowhere)
+    }
+
+    /// Where stage outputs are cached: `experiment.cache_dir`, else `<output_dir>/.cache`.
+    pub fn cache_dir(&self) -> PathBuf {
+        match &self.raw.experiment.cache_dir {
+            Some(dir) => PathBuf::from(dir),
+            None => Path::new(&self.raw.experiment.output_dir).join(".cache"),
+        }
     }
 
     pub fn pretrain_optim(&self) -> Optim {
@@ -93,6 +130,52 @@ impl Experiment {
     }
 }
 
+/// A split value as it appears in paths and trial ids: `0`, `all`.
+pub fn split_label(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Replaces `{split}` in a data path.
+pub fn fill_split(path: &str, split: Option<&toml::Value>) -> String {
+    match split {
+        Some(v) => path.replace("{split}", &split_label(v)),
+        None => path.to_string(),
+    }
+}
+
+/// Checks a sweep trial: the base file with `assigned` values written over it. Errors point at the
+/// sweep entry that assigned the bad value.
+pub fn check_trial(
+    base: &Experiment,
+    raw: RawDoc,
+    assigned: Vec<(String, Origin)>,
+) -> Result<Experiment, ConfigErrors> {
+    let doc = base.source.parse::<ImDocument<String>>().ok();
+    let places = Places {
+        doc,
+        sets: &base.sets,
+        assigned,
+    };
+    let mut diags = Vec::new();
+    let exp = validate::check(&base.file, raw, &places, &mut diags);
+    match exp {
+        Some(mut exp) if diags.is_empty() => {
+            exp.source = base.source.clone();
+            exp.sets = base.sets.clone();
+            exp.data_root = base.data_root.clone();
+            Ok(exp)
+        }
+        _ => Err(ConfigErrors {
+            file: base.file.clone(),
+            source: base.source.clone(),
+            diagnostics: diags,
+        }),
+    }
+}
+
 /// Reads, overrides and checks an experiment file. `sets` are `KEY=VALUE` strings.
 pub fn load(file: &Path, sets: &[String]) -> Result<Experiment, ConfigErrors> {
     let source = std::fs::read_to_string(file).map_err(|e| ConfigErrors {
@@ -106,13 +189,21 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Experiment, ConfigErrors> {
     let mut diags = Vec::new();
     let parsed = parse_collecting(&source, &mut diags);
     let doc = source.parse::<ImDocument<String>>().ok();
-    let places = Places { doc, sets };
+    let places = Places {
+        doc,
+        sets,
+        assigned: Vec::new(),
+    };
     let exp = parsed.and_then(|raw| {
         let raw = apply_sets(raw, sets, &mut diags);
         validate::check(file, raw, &places, &mut diags)
     });
     match exp {
-        Some(exp) if diags.is_empty() => Ok(exp),
+        Some(mut exp) if diags.is_empty() => {
+            exp.source = source;
+            exp.sets = sets.to_vec();
+            Ok(exp)
+        }
         _ => Err(ConfigErrors {
             file: file.to_path_buf(),
             source,
@@ -311,6 +402,25 @@ fn misplaced_optim_key(bad: &str, known: &[String]) -> Option<String> {
     })
 }
 
+/// Writes `value` at a dotted `path` of `raw` and reads the result back, as `--set` does.
+pub fn assign(raw: &RawDoc, path: &str, value: toml::Value) -> Result<RawDoc, String> {
+    let mut tree = toml::Value::try_from(raw).map_err(|e| e.to_string())?;
+    let parts: Vec<&str> = path.split('.').collect();
+    set_path(&mut tree, &parts, value)?;
+    tree.try_into::<RawDoc>()
+        .map_err(|e| humanize(e.message().trim(), path, Origin::Nowhere).message)
+}
+
+/// The value at a dotted path of the resolved config, if there is one.
+pub fn lookup(raw: &RawDoc, path: &str) -> Option<toml::Value> {
+    let tree = toml::Value::try_from(raw).ok()?;
+    let mut node = &tree;
+    for part in path.split('.') {
+        node = node.as_table()?.get(part)?;
+    }
+    Some(node.clone())
+}
+
 /// Applies `--set KEY=VALUE` one at a time, so each bad one is reported against itself.
 fn apply_sets(raw: RawDoc, sets: &[String], diags: &mut Vec<Diagnostic>) -> RawDoc {
     let mut raw = raw;
@@ -371,10 +481,15 @@ fn set_path(tree: &mut toml::Value, path: &[&str], value: toml::Value) -> Result
 pub struct Places<'a> {
     doc: Option<ImDocument<String>>,
     sets: &'a [String],
+    /// Keys a sweep assigned, with the place of the sweep entry.
+    assigned: Vec<(String, Origin)>,
 }
 
 impl Places<'_> {
     pub fn of(&self, path: &str) -> Origin {
+        if let Some((_, origin)) = self.assigned.iter().find(|(k, _)| k == path) {
+            return origin.clone();
+        }
         let set = self.sets.iter().rev().find(|s| {
             s.split_once('=').is_some_and(|(k, _)| {
                 k.trim() == path || path.starts_with(&format!("{}.", k.trim()))
@@ -388,7 +503,11 @@ impl Places<'_> {
         };
         let mut item: &Item = doc.as_item();
         for part in path.split('.') {
-            match item.get(part) {
+            let next = match part.parse::<usize>() {
+                Ok(i) => item.get(i),
+                Err(_) => item.get(part),
+            };
+            match next {
                 Some(next) => item = next,
                 None => return Origin::Nowhere,
             }

@@ -59,11 +59,19 @@ pub(super) fn check(
     c.at_least("finetune.epochs", raw.finetune.epochs, 1);
     c.at_least("finetune.batch_size", raw.finetune.batch_size, 1);
     c.at_least("eval.batch_size", raw.eval.batch_size, 1);
+    c.at_least(
+        "experiment.checkpoint_every",
+        raw.experiment.checkpoint_every,
+        1,
+    );
     data(&mut c, &raw, &data_root);
+    report(&mut c, &raw);
     Some(Experiment {
         file: file.to_path_buf(),
         data_root,
         raw,
+        source: String::new(),
+        sets: Vec::new(),
     })
 }
 
@@ -199,6 +207,13 @@ fn optim(c: &mut Checker, section: &str, o: &OptimSection) {
 
 fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
     let d = &raw.data;
+    if let Some(split) = &d.split {
+        c.require(
+            matches!(split, toml::Value::Integer(_) | toml::Value::String(_)),
+            "data.split",
+            || format!("`data.split` must be a number or a name, got {split}"),
+        );
+    }
     c.require(root.is_dir(), "data.root", || {
         format!("data root is not a folder: {}", root.display())
     });
@@ -216,7 +231,17 @@ fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
         });
         if root.is_dir() {
             for p in &spec.paths {
-                let full = root.join(p);
+                if p.contains("{split}") && d.split.is_none() {
+                    // Each trial of a split sweep checks its own files.
+                    c.require(!raw.sweep.split.is_empty(), &at, || {
+                        format!(
+                            "`{p}` uses {{split}}, but no split is set: add `split = [...]` to \
+                             [sweep] or set `data.split`"
+                        )
+                    });
+                    continue;
+                }
+                let full = root.join(super::fill_split(p, d.split.as_ref()));
                 c.require(full.is_file(), &at, || {
                     format!("data file not found: {}", full.display())
                 });
@@ -232,4 +257,47 @@ fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
             c.at_least(&format!("data.{name}.limit"), limit, 1);
         }
     }
+}
+
+/// Paper tables: a usable file name, a `split.metric`, and row/column keys the config has.
+fn report(c: &mut Checker, raw: &RawDoc) {
+    let mut names: Vec<&str> = Vec::new();
+    for (i, t) in raw.report.table.iter().enumerate() {
+        let at = |k: &str| format!("report.table.{i}.{k}");
+        let ok_name = !t.name.is_empty()
+            && t.name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_'));
+        c.require(ok_name, &at("name"), || {
+            format!(
+                "table name {:?} must be non-empty and use only letters, digits, `-` and `_`",
+                t.name
+            )
+        });
+        c.require(!names.contains(&t.name.as_str()), &at("name"), || {
+            format!("two tables are named {:?}", t.name)
+        });
+        names.push(&t.name);
+        let metric_ok = t
+            .metric
+            .split_once('.')
+            .is_some_and(|(split, m)| !split.is_empty() && !m.is_empty());
+        c.require(metric_ok, &at("metric"), || {
+            format!(
+                "`metric` = {:?} must be `split.metric`, e.g. \"test.accuracy\" or \"dev.macro_f1\"",
+                t.metric
+            )
+        });
+        for (key, path) in [("rows", Some(&t.rows)), ("columns", t.columns.as_ref())] {
+            let Some(path) = path else { continue };
+            c.require(super::lookup(raw, path).is_some() || is_axis(raw, path), &at(key), || {
+                format!("`{key}` = {path:?} is not a config key (e.g. \"pretrain.objective\", \"data.split\")")
+            });
+        }
+    }
+}
+
+/// Keys that only exist once a sweep sets them (`data.split` has no default value).
+fn is_axis(raw: &RawDoc, path: &str) -> bool {
+    (path == "data.split" && !raw.sweep.split.is_empty()) || path == "experiment.seed"
 }

@@ -23,7 +23,8 @@ pub struct Datasets {
 impl Datasets {
     pub fn load(exp: &Experiment) -> Result<Self, DataError> {
         let d = &exp.raw.data;
-        let read = |spec, labelled| read::read_source(spec, &exp.data_root, d.on_error, labelled);
+        let resolve = |p: &str| exp.data_path(p);
+        let read = |spec, labelled| read::read_source(spec, &resolve, d.on_error, labelled);
         let corpus = d.corpus.as_ref().map(|s| read(s, false)).transpose()?;
         let train = read(&d.train, true)?;
         let dev = d.dev.as_ref().map(|s| read(s, true)).transpose()?;

@@ -75,9 +75,10 @@ struct Fields<'a> {
     label: Option<&'a str>,
 }
 
+/// `resolve` turns an entry of `spec.paths` into the file to open (data root, `{split}`).
 pub fn read_source(
     spec: &SourceSpec,
-    root: &Path,
+    resolve: &dyn Fn(&str) -> PathBuf,
     on_error: OnError,
     labelled: bool,
 ) -> Result<Split, DataError> {
@@ -92,7 +93,7 @@ pub fn read_source(
     };
     let mut split = Split::default();
     for p in &spec.paths {
-        let file = Arc::new(root.join(p));
+        let file = Arc::new(resolve(p));
         let mut sink = Sink {
             file: file.clone(),
             on_error,
@@ -353,7 +354,7 @@ mod tests {
         );
         let s = read_source(
             &spec("a.csv", Format::Auto, Some("label")),
-            dir.path(),
+            &|p| dir.path().join(p),
             OnError::Error,
             true,
         )
@@ -371,7 +372,7 @@ mod tests {
         write(dir.path(), "a.tsv", "sentence\tlabel\nok\t1\n");
         let err = read_source(
             &spec("a.tsv", Format::Auto, Some("label")),
-            dir.path(),
+            &|p| dir.path().join(p),
             OnError::Skip,
             true,
         )
@@ -389,7 +390,7 @@ mod tests {
         write(dir.path(), "c.txt", "first\r\n\nthird\n");
         let s = read_source(
             &spec("c.txt", Format::Auto, None),
-            dir.path(),
+            &|p| dir.path().join(p),
             OnError::Skip,
             false,
         )
@@ -416,7 +417,7 @@ mod tests {
         );
         let mut sp = spec("d.json", Format::Auto, Some("label"));
         sp.limit = Some(1);
-        let s = read_source(&sp, dir.path(), OnError::Error, true).unwrap();
+        let s = read_source(&sp, &|p| dir.path().join(p), OnError::Error, true).unwrap();
         assert_eq!(s.examples.len(), 1);
         assert_eq!(s.examples[0].label.as_deref(), Some("100"));
     }
@@ -427,7 +428,7 @@ mod tests {
         std::fs::write(dir.path().join("e.txt"), b"fine\nbad \xff byte\n").unwrap();
         let err = read_source(
             &spec("e.txt", Format::Text, None),
-            dir.path(),
+            &|p| dir.path().join(p),
             OnError::Error,
             false,
         )

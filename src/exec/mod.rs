@@ -1,29 +1,30 @@
-//! Runs an experiment's stages in order — data, tokenizer, pretrain, finetune, eval — writing each
-//! stage's outputs into the run directory as soon as it finishes, then renders the report.
-//! A failed stage leaves everything before it on disk and names itself in the error.
+//! Runs an experiment: every trial of its sweep in order, each stage reused from the cache when an
+//! earlier run computed it, resumed from its checkpoint when a run was killed, run otherwise. After
+//! every trial the study's results and report are written again, so what finished is never lost.
 
+mod cache;
+mod journal;
 mod stats;
 pub mod tasks;
+mod trial;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 
-use crate::config::train::{Objective, Pooling, DEFAULT_PRETRAIN_STEPS};
+use crate::config::train::SelectMetric;
 use crate::config::Experiment;
 use crate::data::{DataError, Datasets};
-use crate::metrics::classification::Scores;
-use crate::metrics::{ResultRow, Store};
-use crate::model::{BackboneConfig, Classifier, ClassifierHead, LmHead, LmModel, Pool};
-use crate::report::{self, RunSummary};
-use crate::tokenizer::TextTokenizer;
+use crate::metrics::Store;
+use crate::plan::keys::{stage_keys, FileHashes, StageKeys};
+use crate::plan::{Trial, REPLICATE_KEYS};
+use crate::report::study::{StudyMeta, TrialMeta};
+use crate::report::RunSummary;
 use crate::train::backend::{self, BackendError, DeviceInfo};
-use crate::train::{fit, Budget, Progress, TrainError};
+pub use cache::{Cache, Manifest};
+pub use journal::{read as read_journal, Event};
 pub use stats::SplitStats;
-use tasks::{FinetuneTask, PretrainTask};
+pub use trial::TrialStatus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -31,19 +32,25 @@ pub enum RunError {
     Backend(#[from] BackendError),
     #[error("{0}")]
     Data(#[from] DataError),
+    #[error("{0}")]
+    Input(String),
     #[error("stage `{stage}` failed: {message}")]
     Stage {
         stage: &'static str,
         message: String,
     },
+    /// Trials that failed (not diverged); the sweep went on without them.
+    #[error("{message}")]
+    Trials { message: String, code: i32 },
 }
 
 impl RunError {
     /// 2 for bad input (the user's file or data), 1 for a stage that failed while running.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Backend(_) | RunError::Data(_) => 2,
+            RunError::Backend(_) | RunError::Data(_) | RunError::Input(_) => 2,
             RunError::Stage { .. } => 1,
+            RunError::Trials { code, .. } => *code,
         }
     }
 }
@@ -59,6 +66,9 @@ pub struct Options {
 pub struct Outcome {
     pub run_dir: PathBuf,
     pub report: PathBuf,
+    /// `(trial, status)` in order.
+    pub trials: Vec<(String, TrialStatus)>,
+    /// Test accuracy of a single-trial run.
     pub test_accuracy: Option<f64>,
 }
 
@@ -67,186 +77,304 @@ pub fn check_data(exp: &Experiment) -> Result<Datasets, RunError> {
     Ok(Datasets::load(exp)?)
 }
 
-pub fn run(exp: &Experiment, opts: &Options) -> Result<Outcome, RunError> {
-    backend::dispatch(exp.raw.experiment.backend, RunJob { exp, opts })?
+/// Every trial's stage keys, hashing each input file once.
+pub fn keys(trials: &[Trial]) -> Result<Vec<StageKeys>, RunError> {
+    let mut hashes = FileHashes::default();
+    trials
+        .iter()
+        .map(|t| stage_keys(&t.exp, &mut hashes))
+        .collect::<Result<_, _>>()
+        .map_err(|e| RunError::Input(format!("cannot read an input file: {e}")))
+}
+
+pub fn run(exp: &Experiment, trials: &[Trial], opts: &Options) -> Result<Outcome, RunError> {
+    backend::dispatch(exp.raw.experiment.backend, RunJob { exp, trials, opts })?
 }
 
 struct RunJob<'a> {
     exp: &'a Experiment,
+    trials: &'a [Trial],
     opts: &'a Options,
 }
 
 impl backend::Job for RunJob<'_> {
     type Output = Result<Outcome, RunError>;
     fn run<B: AutodiffBackend>(self, device: B::Device, info: DeviceInfo) -> Self::Output {
-        run_on::<B>(self.exp, self.opts, info, device)
+        run_on::<B>(self.exp, self.trials, self.opts, info, device)
     }
 }
 
-/// Wall-clock time per stage, in the order they ran.
-#[derive(Default)]
-struct Clock {
-    stages: Vec<(String, f64)>,
-}
-
-impl Clock {
-    fn time<T>(&mut self, stage: &str, f: impl FnOnce() -> T) -> T {
-        let t = Instant::now();
-        let out = f();
-        self.stages
-            .push((stage.to_string(), t.elapsed().as_secs_f64()));
-        out
+/// The study's description of its trials, for the report.
+pub fn study_meta(exp: &Experiment, trials: &[Trial], statuses: &[TrialStatus]) -> StudyMeta {
+    let axes = crate::plan::swept_keys(trials);
+    let group_keys: Vec<String> = axes
+        .iter()
+        .filter(|k| !REPLICATE_KEYS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    let mut keys = axes.clone();
+    for t in &exp.raw.report.table {
+        for k in std::iter::once(&t.rows).chain(t.columns.as_ref()) {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    let metas = trials
+        .iter()
+        .zip(statuses)
+        .map(|(t, status)| TrialMeta {
+            id: t.id.clone(),
+            values: keys
+                .iter()
+                .map(|k| {
+                    let v = crate::config::lookup(&t.exp.raw, k)
+                        .map_or(String::new(), |v| crate::plan::value_label(&v));
+                    (k.clone(), v)
+                })
+                .collect(),
+            status: status.clone(),
+        })
+        .collect();
+    StudyMeta {
+        name: exp.raw.experiment.name.clone(),
+        description: exp.raw.experiment.description.clone(),
+        experiment_file: exp.file.display().to_string(),
+        xrun_version: env!("CARGO_PKG_VERSION").into(),
+        config_toml: exp.resolved_toml(),
+        axes,
+        group_keys,
+        select_metric: match exp.raw.finetune.select_metric {
+            SelectMetric::Accuracy => "accuracy".into(),
+            SelectMetric::MacroF1 => "macro_f1".into(),
+        },
+        tables: exp.raw.report.table.clone(),
+        trials: metas,
     }
 }
 
 fn run_on<B: AutodiffBackend>(
     exp: &Experiment,
+    trials: &[Trial],
     opts: &Options,
     info: DeviceInfo,
     device: B::Device,
 ) -> Result<Outcome, RunError> {
     let run_dir = exp.run_dir();
     let io = stage_err("setup");
-    std::fs::create_dir_all(run_dir.join("checkpoints"))
+    std::fs::create_dir_all(run_dir.join("trials"))
         .map_err(|e| io(format!("cannot create {}: {e}", run_dir.display())))?;
     // Held until this function returns: a second xrun on the same run directory refuses.
     let _lock = lock_run_dir(&run_dir)?;
     std::fs::write(run_dir.join("config.resolved.toml"), exp.resolved_toml())
         .map_err(|e| io(format!("cannot write config.resolved.toml: {e}")))?;
-    let mut clock = Clock::default();
-    let mut store = Store::default();
-    let mut summary = RunSummary::new(exp, &info);
-    let result = stages::<B>(
-        exp,
-        opts,
-        &device,
-        &run_dir,
-        &mut summary,
-        &mut store,
-        &mut clock,
-    );
-    // Whatever happened, keep what the finished stages produced and say in the report how it ended.
-    summary.stage_times = clock.stages.clone();
-    summary.failure = result.as_ref().err().map(ToString::to_string);
-    let written = store
-        .write(&run_dir)
-        .map_err(|e| stage_err("report")(e.to_string()))
-        .and_then(|()| {
-            report::write(&run_dir, &summary, &store).map_err(|e| stage_err("report")(e))
+    let keys = keys(trials)?;
+    write_plan(&run_dir, trials, &keys)?;
+    let cache = Cache::new(exp.cache_dir());
+    let mut journal = journal::Journal::open(&run_dir).map_err(|e| {
+        io(format!(
+            "cannot open the journal in {}: {e}",
+            run_dir.display()
+        ))
+    })?;
+    let mut runs: Vec<trial::TrialRun> = Vec::new();
+    let mut report = run_dir.join("index.html");
+    for (i, (t, k)) in trials.iter().zip(&keys).enumerate() {
+        let label = if trials.len() > 1 {
+            format!("[{}/{}] {}", i + 1, trials.len(), t.id)
+        } else {
+            String::new()
+        };
+        let mut cx = trial::Context::<B> {
+            cache: &cache,
+            journal: &mut journal,
+            opts,
+            device: device.clone(),
+            info: &info,
+            label: label.clone(),
+            experiment: &exp.raw.experiment.name,
+        };
+        let r = trial::run::<B>(t, k, &mut cx);
+        write_trial(&run_dir, t, k, &cache, &r)?;
+        log(opts, &trial_line(&label, &r));
+        runs.push(r);
+        report = write_study(&run_dir, exp, &trials[..runs.len()], &runs)?;
+    }
+    let outcome_trials: Vec<(String, TrialStatus)> = trials
+        .iter()
+        .zip(&runs)
+        .map(|(t, r)| (t.id.clone(), r.status.clone()))
+        .collect();
+    let failures: Vec<(&String, &TrialStatus)> = outcome_trials
+        .iter()
+        .filter(|(_, s)| matches!(s, TrialStatus::Failed { .. }))
+        .map(|(id, s)| (id, s))
+        .collect();
+    if let Some((
+        id,
+        TrialStatus::Failed {
+            stage,
+            message,
+            code,
+        },
+    )) = failures.first()
+    {
+        let first = format!("stage `{stage}` failed: {message}");
+        let message = if trials.len() == 1 {
+            first
+        } else {
+            format!(
+                "{} of {} trials failed; the first, {id}: {first}",
+                failures.len(),
+                trials.len()
+            )
+        };
+        return Err(RunError::Trials {
+            message,
+            code: *code,
         });
-    result?;
+    }
+    let test_accuracy = match runs.as_slice() {
+        [one] => one.store.result("test", "accuracy"),
+        _ => None,
+    };
     Ok(Outcome {
-        run_dir: run_dir.clone(),
-        report: written?,
-        test_accuracy: store.result("test", "accuracy"),
+        run_dir,
+        report,
+        trials: outcome_trials,
+        test_accuracy,
     })
 }
 
-/// The stages in order; each fills in its part of the summary as soon as it has it.
-fn stages<B: AutodiffBackend>(
-    exp: &Experiment,
-    opts: &Options,
-    device: &B::Device,
-    run_dir: &Path,
-    summary: &mut RunSummary,
-    store: &mut Store,
-    clock: &mut Clock,
-) -> Result<(), RunError> {
-    let data = clock.time("data", || Datasets::load(exp))?;
-    log(
-        opts,
-        &format!(
-            "data: {} corpus texts, {} train / {} dev / {} test examples, {} labels",
-            data.corpus.as_ref().map_or(0, |c| c.examples.len()),
-            data.train.examples.len(),
-            data.dev.as_ref().map_or(0, |d| d.examples.len()),
-            data.test.as_ref().map_or(0, |d| d.examples.len()),
-            data.labels.len()
-        ),
-    );
-    summary.labels = data.labels.clone();
-
-    let base_dir = exp.file.parent().unwrap_or(Path::new("")).to_path_buf();
-    let tokenizer = clock.time("tokenizer", || {
-        let tok = TextTokenizer::build(&exp.raw.tokenizer, &base_dir, data.tokenizer_texts())
-            .map_err(|e| stage_err("tokenizer")(e.to_string()))?;
-        tok.save(&run_dir.join("tokenizer.json"))
-            .map_err(|e| stage_err("tokenizer")(e.to_string()))?;
-        Ok::<_, RunError>(tok)
-    })?;
-    summary.vocab_size = Some(tokenizer.vocab_size);
-    let max_len = exp.raw.model.max_len;
-    let encoded = clock
-        .time("encode", || stats::encode_all(&data, &tokenizer, max_len))
-        .map_err(|e| stage_err("tokenizer")(e.to_string()))?;
-    summary.data = encoded.stats.clone();
-    log(
-        opts,
-        &format!(
-            "tokenizer: {} tokens in the vocabulary",
-            tokenizer.vocab_size
-        ),
-    );
-
-    let m = &exp.raw.model;
-    let backbone_cfg = BackboneConfig {
-        vocab_size: tokenizer.vocab_size,
-        d_model: m.d_model,
-        layers: m.layers,
-        heads: m.heads,
-        d_ff: m.d_ff,
-        max_len,
-        dropout: m.dropout,
-        pre_norm: m.norm == crate::config::model::NormPlacement::Pre,
-        causal: exp.raw.pretrain.objective == Objective::Ar,
+fn trial_line(label: &str, r: &trial::TrialRun) -> String {
+    let score = |split: &str| {
+        r.store
+            .result(split, "accuracy")
+            .map(|a| format!(" {split} accuracy {:.2}%", a * 100.0))
+            .unwrap_or_default()
     };
-    summary.parameters = Some(backbone_cfg.parameters());
-    summary.model = Some(backbone_cfg.clone());
+    let cached = r.summary.stages.iter().filter(|s| s.cached).count();
+    let reused = if cached > 0 {
+        format!(
+            " ({cached} stage{} reused)",
+            if cached == 1 { "" } else { "s" }
+        )
+    } else {
+        String::new()
+    };
+    let status = match &r.status {
+        TrialStatus::Done => format!("done:{}{}{reused}", score("dev"), score("test")),
+        TrialStatus::Diverged {
+            stage,
+            step,
+            reason,
+        } => {
+            format!("diverged in {stage} at step {step} ({reason})")
+        }
+        TrialStatus::Failed { stage, message, .. } => format!("failed in {stage}: {message}"),
+    };
+    if label.is_empty() {
+        status
+    } else {
+        format!("{label}: {status}")
+    }
+}
 
-    let backbone = clock.time("pretrain", || {
-        pretrain::<B>(
-            exp,
-            opts,
-            &encoded,
-            &tokenizer,
-            &backbone_cfg,
-            store,
-            device,
-            run_dir,
-        )
-    })?;
-    store
-        .write(run_dir)
-        .map_err(|e| stage_err("pretrain")(e.to_string()))?;
-    let classes = data.labels.len();
-    let (model, pool) = clock.time("finetune", || {
-        finetune::<B>(
-            exp,
-            opts,
-            &encoded,
-            backbone,
-            &backbone_cfg,
-            classes,
-            store,
-            device,
-            run_dir,
-        )
-    })?;
-    clock.time("eval", || {
-        let pad = tokenizer.specials.pad;
-        evaluate::<B::InnerBackend>(
-            exp,
-            &encoded,
-            &model,
-            pool,
-            &data.labels,
-            pad,
-            store,
-            summary,
-            device,
-        )
-    });
+/// `plan.json`: the trials and the cache entries they use (`xrun gc` keeps what any plan names).
+fn write_plan(run_dir: &Path, trials: &[Trial], keys: &[StageKeys]) -> Result<(), RunError> {
+    #[derive(serde::Serialize)]
+    struct PlanTrial<'a> {
+        id: &'a str,
+        assignments: Vec<(String, String)>,
+        tokenizer: &'a str,
+        pretrain: Option<&'a str>,
+        finetune: &'a str,
+    }
+    let list: Vec<PlanTrial> = trials
+        .iter()
+        .zip(keys)
+        .map(|(t, k)| PlanTrial {
+            id: &t.id,
+            assignments: t
+                .assignments
+                .iter()
+                .map(|(p, v)| (p.clone(), crate::plan::value_label(v)))
+                .collect(),
+            tokenizer: &k.tokenizer.hash,
+            pretrain: k.pretrain.as_ref().map(|p| p.hash.as_str()),
+            finetune: &k.finetune.hash,
+        })
+        .collect();
+    let json = serde_json::to_string_pretty(&list).unwrap_or_default();
+    std::fs::write(run_dir.join("plan.json"), json)
+        .map_err(|e| stage_err("setup")(format!("cannot write plan.json: {e}")))
+}
+
+/// A trial's own folder: its resolved config, records, results and report, and links to the
+/// tokenizer and models in the cache (hard links, so they outlive a `gc` of the cache).
+fn write_trial(
+    run_dir: &Path,
+    t: &Trial,
+    keys: &StageKeys,
+    cache: &Cache,
+    r: &trial::TrialRun,
+) -> Result<(), RunError> {
+    let err = stage_err("report");
+    let dir = run_dir.join("trials").join(&t.id);
+    std::fs::create_dir_all(dir.join("checkpoints"))
+        .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    let artefacts = [
+        (
+            Some(
+                cache
+                    .entry("tokenizer", &keys.tokenizer)
+                    .join("tokenizer.json"),
+            ),
+            dir.join("tokenizer.json"),
+        ),
+        (
+            keys.pretrain
+                .as_ref()
+                .map(|k| cache.entry("pretrain", k).join("model.mpk")),
+            dir.join("checkpoints/pretrain.mpk"),
+        ),
+        (
+            Some(cache.entry("finetune", &keys.finetune).join("model.mpk")),
+            dir.join("checkpoints/finetune.mpk"),
+        ),
+    ];
+    for (from, to) in artefacts {
+        let Some(from) = from.filter(|f| f.is_file()) else {
+            continue;
+        };
+        let _ = std::fs::remove_file(&to);
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).map_err(|e| {
+                err(format!(
+                    "cannot copy {} to {}: {e}",
+                    from.display(),
+                    to.display()
+                ))
+            })?;
+        }
+    }
+    std::fs::write(dir.join("config.resolved.toml"), t.exp.resolved_toml())
+        .map_err(|e| err(format!("cannot write in {}: {e}", dir.display())))?;
+    r.store.write(&dir).map_err(|e| err(e.to_string()))?;
+    crate::report::write(&dir, &r.summary, &r.store).map_err(err)?;
     Ok(())
+}
+
+fn write_study(
+    run_dir: &Path,
+    exp: &Experiment,
+    trials: &[Trial],
+    runs: &[trial::TrialRun],
+) -> Result<PathBuf, RunError> {
+    let statuses: Vec<TrialStatus> = runs.iter().map(|r| r.status.clone()).collect();
+    let meta = study_meta(exp, trials, &statuses);
+    let pairs: Vec<(&RunSummary, &Store)> = runs.iter().map(|r| (&r.summary, &r.store)).collect();
+    crate::report::study::write(run_dir, &meta, &pairs).map_err(stage_err("report"))
 }
 
 /// Takes an exclusive lock on `<run_dir>/.lock` (released when the file is dropped or the process
@@ -292,212 +420,214 @@ fn log(opts: &Options, line: &str) {
     }
 }
 
-fn save<B: Backend, M: Module<B>>(
-    model: M,
-    path: &Path,
-    stage: &'static str,
-) -> Result<(), RunError> {
-    model
-        .save_file(path, &NamedMpkFileRecorder::<FullPrecisionSettings>::new())
-        .map_err(|e| stage_err(stage)(format!("cannot save {}: {e}", path.display())))
-}
-
-fn train_error(stage: &'static str) -> impl Fn(TrainError) -> RunError {
-    move |e| stage_err(stage)(e.to_string())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn pretrain<B: AutodiffBackend>(
-    exp: &Experiment,
-    opts: &Options,
-    encoded: &stats::Encoded,
-    tokenizer: &TextTokenizer,
-    cfg: &BackboneConfig,
-    store: &mut Store,
-    device: &B::Device,
-    run_dir: &Path,
-) -> Result<crate::model::Backbone<B::InnerBackend>, RunError> {
-    let p = &exp.raw.pretrain;
-    let seed = exp.raw.experiment.seed;
-    B::seed(device, seed);
-    let backbone = cfg.init::<B>(device);
-    if p.objective == Objective::None {
-        return Ok(backbone.valid());
+/// How one stage of one trial stands before a run.
+fn stage_state(
+    cache: &Cache,
+    stage: &str,
+    key: &crate::plan::keys::Key,
+    seen: &mut Vec<String>,
+) -> String {
+    let tag = format!("{stage}/{}", key.hash);
+    let short = &key.hash[..8];
+    if cache.done(stage, key).is_some() {
+        format!("cached {short}")
+    } else if seen.contains(&tag) {
+        format!("shared {short}")
+    } else {
+        seen.push(tag);
+        match cache.partial_step(stage, key) {
+            Some(step) => format!("resume@{step} {short}"),
+            None => format!("run {short}"),
+        }
     }
-    let (train, validation) = stats::hold_out(&encoded.corpus, p.validation_fraction, seed);
-    let task = PretrainTask::<B> {
-        train: &train,
-        validation: &validation,
-        objective: p.objective,
-        specials: tokenizer.specials,
-        vocab_size: tokenizer.vocab_size,
-        mask_prob: p.mask_prob,
-        batch_size: p.batch_size,
-        eval_batch_size: exp.raw.eval.batch_size,
-        seed,
-        device: device.clone(),
-    };
-    let per_epoch = train.len().div_ceil(p.batch_size).max(1);
-    let max_steps = match (p.steps, p.epochs) {
-        (_, Some(epochs)) => epochs * per_epoch,
-        (Some(steps), None) => steps,
-        (None, None) => DEFAULT_PRETRAIN_STEPS,
-    };
-    let budget = Budget {
-        max_steps,
-        max_epochs: usize::MAX,
-        eval_every: Some(p.eval_every),
-        eval_each_epoch: false,
-        patience: 0,
-        keep_best: false,
-    };
-    let model = LmModel {
-        backbone,
-        head: LmHead::new(cfg.d_model, cfg.vocab_size, device),
-    };
-    let mut bar = Progress::new("pretrain", opts.quiet);
-    let fitted = fit(
-        &task,
-        model,
-        &exp.pretrain_optim(),
-        &budget,
-        "pretrain",
-        store,
-        &mut bar,
-    )
-    .map_err(train_error("pretrain"))?;
-    save(
-        fitted.model.clone(),
-        &run_dir.join("checkpoints/pretrain"),
-        "pretrain",
-    )?;
-    Ok(fitted.model.backbone)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn finetune<B: AutodiffBackend>(
-    exp: &Experiment,
-    opts: &Options,
-    encoded: &stats::Encoded,
-    backbone: crate::model::Backbone<B::InnerBackend>,
-    cfg: &BackboneConfig,
-    classes: usize,
-    store: &mut Store,
-    device: &B::Device,
-    run_dir: &Path,
-) -> Result<(Classifier<B::InnerBackend>, Pool), RunError> {
-    let f = &exp.raw.finetune;
-    let seed = exp.raw.experiment.seed;
-    B::seed(device, seed.wrapping_add(1));
-    let pool = match f.pooling {
-        Pooling::Cls => Pool::First,
-        Pooling::Mean => Pool::Mean,
-        Pooling::Last => Pool::Last,
-        Pooling::Auto if cfg.causal => Pool::Last,
-        Pooling::Auto => Pool::First,
-    };
-    let model = Classifier {
-        backbone: crate::model::Backbone::<B>::from_inner(backbone),
-        head: ClassifierHead::new(cfg.d_model, classes, cfg.dropout, device),
-    };
-    let task = FinetuneTask::<B> {
-        train: &encoded.train,
-        dev: encoded.dev.as_ref(),
-        classes,
-        pool,
-        pad_id: encoded.pad_id,
-        batch_size: f.batch_size,
-        eval_batch_size: exp.raw.eval.batch_size,
-        select: f.select_metric,
-        seed: seed.wrapping_add(1),
-        device: device.clone(),
-    };
-    let per_epoch = encoded.train.ids.len().div_ceil(f.batch_size).max(1);
-    let budget = Budget {
-        max_steps: f.epochs * per_epoch,
-        max_epochs: f.epochs,
-        eval_every: None,
-        eval_each_epoch: true,
-        patience: f.patience,
-        keep_best: true,
-    };
-    let mut bar = Progress::new("finetune", opts.quiet);
-    let fitted = fit(
-        &task,
-        model,
-        &exp.finetune_optim(),
-        &budget,
-        "finetune",
-        store,
-        &mut bar,
-    )
-    .map_err(train_error("finetune"))?;
-    save(
-        fitted.model.clone(),
-        &run_dir.join("checkpoints/finetune"),
-        "finetune",
-    )?;
-    log(
-        opts,
-        &format!(
-            "finetune: {} steps{}{}",
-            fitted.steps,
-            fitted
-                .best_step
-                .map_or(String::new(), |s| format!(", best dev score at step {s}")),
-            if fitted.stopped_early {
-                ", stopped early"
-            } else {
-                ""
-            }
-        ),
+/// `xrun plan`: trials × stages, what is cached, shared within the plan, resumable or to run.
+pub fn plan_text(exp: &Experiment, trials: &[Trial], verbose: bool) -> Result<String, RunError> {
+    use std::fmt::Write;
+    let keys = keys(trials)?;
+    let cache = Cache::new(exp.cache_dir());
+    let mut seen = Vec::new();
+    let mut rows = Vec::new();
+    let mut counts = std::collections::BTreeMap::<(&str, String), usize>::new();
+    for (t, k) in trials.iter().zip(&keys) {
+        let finetune_cached = cache.done("finetune", &k.finetune).is_some();
+        let mut cells = Vec::new();
+        let stages: [(&str, Option<&crate::plan::keys::Key>); 3] = [
+            ("tokenizer", Some(&k.tokenizer)),
+            ("pretrain", k.pretrain.as_ref()),
+            ("finetune", Some(&k.finetune)),
+        ];
+        for (stage, key) in stages {
+            let cell = match key {
+                None => "–".to_string(),
+                Some(key) if finetune_cached && stage != "finetune" => {
+                    format!("skip {}", &key.hash[..8])
+                }
+                Some(key) => stage_state(&cache, stage, key, &mut seen),
+            };
+            let word = cell.split([' ', '@']).next().unwrap_or("").to_string();
+            *counts.entry((stage, word)).or_default() += 1;
+            cells.push(cell);
+        }
+        rows.push((t.id.clone(), cells));
+    }
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(5).max(5);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}: {} trial{} × 3 stages; cache {}",
+        exp.raw.experiment.name,
+        trials.len(),
+        if trials.len() == 1 { "" } else { "s" },
+        cache.root.display()
     );
-    Ok((fitted.model, pool))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn evaluate<B: Backend>(
-    exp: &Experiment,
-    encoded: &stats::Encoded,
-    model: &Classifier<B>,
-    pool: Pool,
-    labels: &[String],
-    pad_id: u32,
-    store: &mut Store,
-    summary: &mut RunSummary,
-    device: &B::Device,
-) {
-    let batch = exp.raw.eval.batch_size;
-    let splits = [
-        ("dev", encoded.dev.as_ref()),
-        ("test", encoded.test.as_ref()),
-    ];
-    for (name, split) in splits {
-        let Some(split) = split else { continue };
-        let scores = tasks::evaluate_split(model, split, labels.len(), pool, pad_id, batch, device);
-        push_results(store, name, &scores, labels);
-        summary.scores.push((name.to_string(), scores));
+    let _ = writeln!(
+        out,
+        "{:width$}  {:18}{:18}finetune",
+        "trial", "tokenizer", "pretrain"
+    );
+    for (id, cells) in &rows {
+        let _ = writeln!(
+            out,
+            "{id:width$}  {:18}{:18}{}",
+            cells[0], cells[1], cells[2]
+        );
     }
+    for stage in ["tokenizer", "pretrain", "finetune"] {
+        let part: Vec<String> = ["run", "resume", "cached", "shared", "skip"]
+            .iter()
+            .filter_map(|w| {
+                counts
+                    .get(&(stage, w.to_string()))
+                    .map(|n| format!("{n} {w}"))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{stage:>9}: {}",
+            if part.is_empty() {
+                "none".to_string()
+            } else {
+                part.join(", ")
+            }
+        );
+    }
+    let to_run: usize = counts
+        .iter()
+        .filter(|((_, w), _)| w == "run" || w == "resume")
+        .map(|(_, n)| n)
+        .sum();
+    let _ = writeln!(
+        out,
+        "{to_run} stage runs to do; nothing is trained by `xrun plan`"
+    );
+    if verbose {
+        for (t, k) in trials.iter().zip(&keys) {
+            let _ = writeln!(out, "\n# {}", t.id);
+            for key in [Some(&k.tokenizer), k.pretrain.as_ref(), Some(&k.finetune)]
+                .into_iter()
+                .flatten()
+            {
+                let _ = writeln!(
+                    out,
+                    "{} = {}",
+                    key.hash,
+                    serde_json::to_string(&key.inputs).unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
-fn push_results(store: &mut Store, split: &str, s: &Scores, labels: &[String]) {
-    let row = |metric: &str, class: Option<&String>, value: f64| ResultRow {
-        split: split.into(),
-        metric: metric.into(),
-        class: class.cloned(),
-        value,
-    };
-    store.results.push(row("accuracy", None, s.accuracy));
-    store.results.push(row("macro_f1", None, s.macro_f1));
-    store.results.push(row("examples", None, s.n as f64));
-    for (c, label) in s.per_class.iter().zip(labels) {
-        store
-            .results
-            .push(row("precision", Some(label), c.precision));
-        store.results.push(row("recall", Some(label), c.recall));
-        store.results.push(row("f1", Some(label), c.f1));
-        store
-            .results
-            .push(row("support", Some(label), c.support as f64));
+/// `xrun gc`: removes cache entries, checkpoints and leftovers that no `plan.json` under
+/// `output_dir` names. Entries another xrun is building (locked) are left alone.
+pub fn gc(output_dir: &Path, cache: &Path, dry_run: bool) -> Result<String, String> {
+    use std::fmt::Write;
+    let mut keep = std::collections::HashSet::new();
+    let runs = std::fs::read_dir(output_dir)
+        .map_err(|e| format!("cannot read {}: {e}", output_dir.display()))?;
+    for run in runs.flatten() {
+        let Ok(text) = std::fs::read_to_string(run.path().join("plan.json")) else {
+            continue;
+        };
+        let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(&text) else {
+            return Err(format!(
+                "{}: not a plan written by xrun",
+                run.path().join("plan.json").display()
+            ));
+        };
+        for t in list {
+            for stage in ["tokenizer", "pretrain", "finetune"] {
+                if let Some(k) = t.get(stage).and_then(|v| v.as_str()) {
+                    keep.insert(format!("{stage}/{k}"));
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    let (mut removed, mut bytes) = (0usize, 0u64);
+    for stage in ["tokenizer", "pretrain", "finetune"] {
+        let Ok(entries) = std::fs::read_dir(cache.join(stage)) else {
+            continue;
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        for name in names {
+            let key = name.split(['.']).next().unwrap_or(&name);
+            if keep.contains(&format!("{stage}/{key}")) && !name.contains(".tmp-") {
+                continue;
+            }
+            let path = cache.join(stage).join(&name);
+            // Skip what a running xrun holds: its lock is taken while it builds.
+            let lock = cache.join(stage).join(format!("{key}.lock"));
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&lock) {
+                if f.try_lock().is_err() {
+                    continue;
+                }
+            }
+            let size = du(&path);
+            let _ = writeln!(
+                out,
+                "{} {} ({:.1} MB)",
+                if dry_run { "would remove" } else { "removed" },
+                path.display(),
+                size as f64 / 1e6
+            );
+            if !dry_run {
+                let r = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                r.map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+            }
+            removed += 1;
+            bytes += size;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} {removed} item{} ({:.1} MB); kept {} entries referenced by run directories in {}",
+        if dry_run { "would remove" } else { "removed" },
+        if removed == 1 { "" } else { "s" },
+        bytes as f64 / 1e6,
+        keep.len(),
+        output_dir.display()
+    );
+    Ok(out)
+}
+
+fn du(path: &Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|d| d.flatten().map(|e| du(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
     }
 }

@@ -110,6 +110,10 @@ impl<B: AutodiffBackend> Task<B> for PretrainTask<'_, B> {
         Self::loss_on(model, &padded, &targets, &self.device)
     }
 
+    fn device(&self) -> B::Device {
+        self.device.clone()
+    }
+
     fn evaluate(&self, model: &LmModel<B::InnerBackend>) -> Evaluation {
         if self.validation.is_empty() {
             return Evaluation::default();
@@ -212,6 +216,10 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
         CrossEntropyLossConfig::new()
             .init(&self.device)
             .forward(logits, int_tensor::<B>(&labels, &self.device))
+    }
+
+    fn device(&self) -> B::Device {
+        self.device.clone()
     }
 
     fn evaluate(&self, model: &<Classifier<B> as AutodiffModule<B>>::InnerModule) -> Evaluation {

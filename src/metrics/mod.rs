@@ -1,6 +1,7 @@
 //! The metrics store: every record a stage emits (one row: stage, step, epoch, split, metric, value,
 //! wall time), written to `metrics.parquet` through polars, plus final results to `results.csv`.
 
+pub mod aggregate;
 pub mod classification;
 
 use std::path::Path;
@@ -9,7 +10,7 @@ use polars::prelude::*;
 use serde::Serialize;
 
 /// One measurement: e.g. (`pretrain`, step 200, `validation`, `perplexity`, 84.1).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Record {
     pub stage: String,
     pub step: u64,
@@ -81,6 +82,27 @@ impl Store {
         })
     }
 
+    /// The final results of one evaluated split: overall scores, then per-class ones.
+    pub fn push_scores(&mut self, split: &str, s: &classification::Scores, labels: &[String]) {
+        let mut row = |metric: &str, class: Option<&String>, value: f64| {
+            self.results.push(ResultRow {
+                split: split.into(),
+                metric: metric.into(),
+                class: class.cloned(),
+                value,
+            })
+        };
+        row("accuracy", None, s.accuracy);
+        row("macro_f1", None, s.macro_f1);
+        row("examples", None, s.n as f64);
+        for (c, label) in s.per_class.iter().zip(labels) {
+            row("precision", Some(label), c.precision);
+            row("recall", Some(label), c.recall);
+            row("f1", Some(label), c.f1);
+            row("support", Some(label), c.support as f64);
+        }
+    }
+
     pub fn result(&self, split: &str, metric: &str) -> Option<f64> {
         self.results
             .iter()
@@ -89,7 +111,7 @@ impl Store {
     }
 }
 
-fn write_atomic(
+pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> PolarsResult<()>,
 ) -> Result<(), WriteError> {

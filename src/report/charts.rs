@@ -4,6 +4,8 @@
 use plotters::prelude::*;
 
 type Series = (String, Vec<(f64, f64)>);
+/// A named line of `(x, mean, std)` points.
+pub type BarSeries = (String, Vec<(f64, f64, f64)>);
 
 const SIZE: (u32, u32) = (640, 300);
 
@@ -171,6 +173,73 @@ pub fn length_histogram(title: &str, counts: &[usize]) -> Result<String, String>
                 GREEN.mix(0.6).filled(),
             ))
             .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
+
+/// A metric against a numeric key: one line per series through the means, with ±std error bars.
+/// Each point is `(x, mean, std)`.
+pub fn error_bars(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[BarSeries],
+) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let xs: Vec<f64> = series
+            .iter()
+            .flat_map(|s| s.1.iter().map(|p| p.0))
+            .collect();
+        let ys: Vec<f64> = series
+            .iter()
+            .flat_map(|s| s.1.iter().flat_map(|p| [p.1 - p.2, p.1 + p.2]))
+            .collect();
+        let (x0, x1) = bounds(xs.into_iter());
+        let (y0, y1) = bounds(ys.into_iter());
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(err)?;
+        for (i, (name, points)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().map(|p| (p.0, p.1)),
+                    color.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(points.iter().map(|&(x, m, s)| {
+                    ErrorBar::new_vertical(x, m - s, m, m + s, color.filled(), 8)
+                }))
+                .map_err(err)?;
+        }
+        if series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
         root.present().map_err(err)?;
     }
     Ok(svg)

@@ -3,6 +3,8 @@
 //! loads nothing from the network and carries a Content-Security-Policy that forbids scripts.
 
 mod charts;
+pub mod study;
+mod tables;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,6 +25,12 @@ const TEMPLATE: &str = include_str!("../../templates/report.html");
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
     pub name: String,
+    /// The trial's id within its sweep (`base` without one).
+    #[serde(default)]
+    pub trial: String,
+    /// Which cache entries the trial's stages used, and whether they were reused.
+    #[serde(default)]
+    pub stages: Vec<StageUse>,
     pub description: String,
     pub experiment_file: String,
     pub created_unix: u64,
@@ -46,10 +54,30 @@ pub struct RunSummary {
     pub failure: Option<String>,
 }
 
+/// One stage of a trial: its cache key and whether an earlier run had already computed it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageUse {
+    pub stage: String,
+    pub key: String,
+    pub cached: bool,
+}
+
+impl StageUse {
+    pub fn new(stage: &str, key: &str, cached: bool) -> Self {
+        Self {
+            stage: stage.into(),
+            key: key.into(),
+            cached,
+        }
+    }
+}
+
 impl RunSummary {
     pub fn new(exp: &Experiment, device: &DeviceInfo) -> Self {
         Self {
             name: exp.raw.experiment.name.clone(),
+            trial: String::new(),
+            stages: Vec::new(),
             description: exp.raw.experiment.description.clone(),
             experiment_file: exp.file.display().to_string(),
             created_unix: SystemTime::now()
@@ -214,6 +242,9 @@ fn safe_svg(svg: Option<String>) -> Value {
 /// Re-renders `index.html` of a finished (or failed) run from its `summary.json` and
 /// `metrics.parquet`, without training.
 pub fn rerender(run_dir: &Path) -> Result<PathBuf, String> {
+    if run_dir.join("study.json").is_file() {
+        return study::rerender(run_dir);
+    }
     let summary_path = run_dir.join("summary.json");
     let text = std::fs::read_to_string(&summary_path).map_err(|e| {
         format!(

@@ -3,6 +3,7 @@
 //! periodic evaluation, early stopping and the best snapshot.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod progress;
 pub mod schedule;
 
@@ -16,6 +17,8 @@ use burn::tensor::{ElementConversion, Tensor};
 
 use crate::config::train::Optim;
 use crate::metrics::{Record, Store};
+pub use checkpoint::Checkpoints;
+use checkpoint::State;
 pub use progress::Progress;
 
 /// What an evaluation measured; `score` (higher is better) drives early stopping and model selection.
@@ -33,6 +36,7 @@ pub trait Task<B: AutodiffBackend> {
     fn batches(&self, epoch: usize) -> Vec<Self::Batch>;
     fn loss(&self, model: &Self::Model, batch: &Self::Batch) -> Tensor<B, 1>;
     fn evaluate(&self, model: &<Self::Model as AutodiffModule<B>>::InnerModule) -> Evaluation;
+    fn device(&self) -> B::Device;
 }
 
 /// How long to train and when to look.
@@ -47,6 +51,9 @@ pub struct Budget {
     pub patience: usize,
     /// Return the best-scoring snapshot instead of the last one.
     pub keep_best: bool,
+    /// Seeds the backend's random stream (dropout) afresh at every step, so a resumed run draws
+    /// exactly what an uninterrupted one would.
+    pub seed: u64,
 }
 
 pub struct Fitted<M> {
@@ -64,6 +71,8 @@ pub enum TrainError {
     Diverged { step: usize, value: f64 },
     #[error("the training split yields no batches")]
     NoBatches,
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 pub fn adamw(o: &Optim) -> AdamWConfig {
@@ -82,6 +91,9 @@ struct Selection<M> {
     stale: usize,
 }
 
+/// Trains `model` on `task` within `budget`. With `checkpoints`, it resumes from the newest
+/// checkpoint there (if any) and writes one every `every` steps and at every epoch end.
+#[allow(clippy::too_many_arguments)]
 pub fn fit<B: AutodiffBackend, T: Task<B>>(
     task: &T,
     mut model: T::Model,
@@ -90,27 +102,55 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     stage: &str,
     store: &mut Store,
     progress: &mut Progress,
+    mut checkpoints: Option<Checkpoints>,
 ) -> Result<Fitted<<T::Model as AutodiffModule<B>>::InnerModule>, TrainError> {
+    let device = task.device();
     let mut optimizer = adamw(optim).init::<B, T::Model>();
+    let first_record = store.records.len();
     let mut rec = Recorder {
         stage,
         store,
         started: Instant::now(),
+        offset_s: 0.0,
     };
     let mut select = Selection {
         best: None,
         stale: 0,
     };
-    let mut step = 0;
+    let (mut step, mut start) = (0, (0, 0));
+    if let Some(ck) = &checkpoints {
+        match ck.load::<B, _, _>(model, optimizer, &device) {
+            Ok(loaded) => {
+                let st = loaded.state;
+                model = loaded.model;
+                optimizer = loaded.optimizer;
+                select.stale = st.stale;
+                select.best = st.best.zip(loaded.best).map(|((s, at), m)| (s, at, m));
+                rec.store.records.extend(st.records);
+                rec.offset_s = st.elapsed_s;
+                step = st.step;
+                start = (st.epoch, st.batch);
+            }
+            Err((m, o)) => (model, optimizer) = (m, o),
+        }
+    }
     let mut stopped_early = false;
     progress.start(budget.max_steps);
-    for epoch in 0..budget.max_epochs {
+    for epoch in start.0..budget.max_epochs {
+        if step >= budget.max_steps {
+            break;
+        }
         let batches = task.batches(epoch);
         if batches.is_empty() {
             return Err(TrainError::NoBatches);
         }
-        for batch in &batches {
+        let skip = if epoch == start.0 { start.1 } else { 0 };
+        for (i, batch) in batches.iter().enumerate().skip(skip) {
             let lr = schedule::learning_rate(optim, step, budget.max_steps);
+            B::seed(
+                &device,
+                budget.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             let loss = task.loss(&model, batch);
             let value: f64 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
@@ -130,6 +170,15 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
                 let snapshot = model.valid();
                 select.observe(task.evaluate(&snapshot), snapshot, step, epoch, &mut rec);
             }
+            let last = step >= budget.max_steps || i + 1 == batches.len();
+            if let Some(ck) = checkpoints
+                .as_mut()
+                .filter(|c| step % c.every == 0 && !last)
+            {
+                let state = select.state(step, epoch, i + 1, &rec, first_record);
+                ck.save::<B, _, _>(&state, &model, &optimizer, select.snapshot())
+                    .map_err(TrainError::Checkpoint)?;
+            }
             if step >= budget.max_steps {
                 break;
             }
@@ -142,8 +191,10 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
                 break;
             }
         }
-        if step >= budget.max_steps {
-            break;
+        if let Some(ck) = checkpoints.as_mut().filter(|_| step < budget.max_steps) {
+            let state = select.state(step, epoch + 1, 0, &rec, first_record);
+            ck.save::<B, _, _>(&state, &model, &optimizer, select.snapshot())
+                .map_err(TrainError::Checkpoint)?;
         }
     }
     progress.finish();
@@ -165,6 +216,8 @@ struct Recorder<'a> {
     stage: &'a str,
     store: &'a mut Store,
     started: Instant,
+    /// Seconds the stage ran before it was resumed.
+    offset_s: f64,
 }
 
 impl Recorder<'_> {
@@ -176,12 +229,36 @@ impl Recorder<'_> {
             split: split.into(),
             metric: metric.into(),
             value,
-            wall_s: self.started.elapsed().as_secs_f64(),
+            wall_s: self.offset_s + self.started.elapsed().as_secs_f64(),
         });
     }
 }
 
 impl<M: Clone> Selection<M> {
+    fn snapshot(&self) -> Option<&M> {
+        self.best.as_ref().map(|b| &b.2)
+    }
+
+    /// The loop's position for a checkpoint: batch `batch` of `epoch` runs next.
+    fn state(
+        &self,
+        step: usize,
+        epoch: usize,
+        batch: usize,
+        rec: &Recorder,
+        first: usize,
+    ) -> State {
+        State {
+            step,
+            epoch,
+            batch,
+            best: self.best.as_ref().map(|b| (b.0, b.1)),
+            stale: self.stale,
+            records: rec.store.records[first..].to_vec(),
+            elapsed_s: rec.offset_s + rec.started.elapsed().as_secs_f64(),
+        }
+    }
+
     /// Records an evaluation of `snapshot` and keeps it if it scores best so far.
     fn observe(
         &mut self,

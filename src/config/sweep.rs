@@ -1,0 +1,130 @@
+//! `[sweep]` and `[report]`: which keys vary across trials, and which paper tables the report draws.
+//!
+//! Sweep axes name config keys by their dotted path. TOML reads `pretrain.objective = [...]` inside
+//! `[sweep.grid]` as nested tables, so axes stay plain tables here and `plan` flattens them into paths.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSection {
+    /// Replicate seeds: `experiment.seed` takes each value.
+    #[serde(default)]
+    pub seeds: Vec<u64>,
+    /// Few-shot splits: `data.split` takes each value and fills `{split}` in data paths.
+    #[serde(default)]
+    pub split: Vec<toml::Value>,
+    /// Every combination of these values (Cartesian product).
+    #[serde(default)]
+    pub grid: toml::Table,
+    /// Groups of keys whose lists vary together (same length), each group one more axis of the grid.
+    #[serde(default)]
+    pub zip: Vec<toml::Table>,
+    pub random: Option<RandomSection>,
+}
+
+/// Random search: `trials` draws of every parameter, seeded so the same file gives the same trials.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandomSection {
+    pub trials: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// `key = { uniform = [lo, hi] }`, `{ log_uniform = [lo, hi] }`, `{ int_uniform = [lo, hi] }`
+    /// or `{ choice = [a, b, …] }`.
+    pub params: toml::Table,
+}
+
+/// How a random-search parameter is drawn.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Distribution {
+    Uniform([f64; 2]),
+    LogUniform([f64; 2]),
+    IntUniform([i64; 2]),
+    Choice(Vec<toml::Value>),
+}
+
+impl Distribution {
+    pub const NAMES: [&'static str; 4] = ["uniform", "log_uniform", "int_uniform", "choice"];
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSection {
+    /// `[[report.table]]`: paper tables, rendered in the HTML report and written as `.md` and `.tex`.
+    #[serde(default)]
+    pub table: Vec<TableSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregate {
+    /// Mean over the trials in a cell.
+    Mean,
+    /// Mean ± standard deviation over the trials in a cell.
+    MeanStd,
+    Median,
+    Max,
+    Min,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Best {
+    Max,
+    Min,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Summary {
+    Mean,
+    Std,
+    N,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    /// File stem of `tables/<name>.md` and `.tex`; letters, digits, `-`, `_`.
+    pub name: String,
+    #[serde(default)]
+    pub title: String,
+    /// Config key whose values label the rows, e.g. `pretrain.objective`.
+    pub rows: String,
+    /// Config key whose values label the columns, e.g. `data.split`; without it, one value column.
+    pub columns: Option<String>,
+    /// `split.metric` of the final results, e.g. `test.accuracy` or `dev.macro_f1`.
+    pub metric: String,
+    #[serde(default = "default_aggregate")]
+    pub aggregate: Aggregate,
+    /// Extra columns summarising each row over its column cells (`mean`, `std`, `n`).
+    #[serde(default)]
+    pub summary: Vec<Summary>,
+    /// Column values the summary columns use (default: all), e.g. the five splits but not `all`.
+    #[serde(default)]
+    pub summary_over: Vec<toml::Value>,
+    /// Multiply values before printing (100 turns accuracy into percent).
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    #[serde(default = "default_precision")]
+    pub precision: usize,
+    /// Bold the best value of each column.
+    #[serde(default = "default_best")]
+    pub best: Best,
+}
+
+fn default_aggregate() -> Aggregate {
+    Aggregate::Mean
+}
+fn default_scale() -> f64 {
+    1.0
+}
+fn default_precision() -> usize {
+    3
+}
+fn default_best() -> Best {
+    Best::Max
+}

@@ -1,0 +1,737 @@
+//! One trial: data → tokenizer → pretrain → finetune + eval, each stage taken from the cache when its
+//! key is there, resumed from its checkpoints when a killed run left some, and run otherwise.
+//! A stage whose loss stops being finite ends the trial as `diverged`; that outcome is cached too.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use serde::{Deserialize, Serialize};
+
+use super::cache::{Building, Cache, Status};
+use super::journal::Journal;
+use super::stats::{self, Encoded};
+use super::tasks::{self, FinetuneTask, PretrainTask};
+use super::Options;
+use crate::config::train::{Objective, Pooling, DEFAULT_PRETRAIN_STEPS};
+use crate::data::Datasets;
+use crate::metrics::Store;
+use crate::model::{Backbone, BackboneConfig, Classifier, ClassifierHead, LmHead, LmModel, Pool};
+use crate::plan::keys::StageKeys;
+use crate::plan::Trial;
+use crate::report::{RunSummary, StageUse};
+use crate::tokenizer::TextTokenizer;
+use crate::train::backend::DeviceInfo;
+use crate::train::{fit, Budget, Checkpoints, Progress, TrainError};
+
+/// How a trial ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase", tag = "status")]
+pub enum TrialStatus {
+    Done,
+    /// Loss became NaN or infinite; the trial stopped there and the sweep went on.
+    Diverged {
+        stage: String,
+        step: usize,
+        reason: String,
+    },
+    /// Anything else that stopped it (unreadable data, a full disk); exit code `code`.
+    Failed {
+        stage: String,
+        message: String,
+        code: i32,
+    },
+}
+
+impl TrialStatus {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TrialStatus::Done => "done",
+            TrialStatus::Diverged { .. } => "diverged",
+            TrialStatus::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// What one trial produced: its summary (as far as it got) and its metric records and results.
+pub struct TrialRun {
+    pub status: TrialStatus,
+    pub summary: RunSummary,
+    pub store: Store,
+}
+
+/// Everything a trial's stages share.
+pub struct Context<'a, B: Backend> {
+    pub cache: &'a Cache,
+    pub journal: &'a mut Journal,
+    pub opts: &'a Options,
+    pub device: B::Device,
+    pub info: &'a DeviceInfo,
+    /// `[3/15]`, shown before progress lines.
+    pub label: String,
+    pub experiment: &'a str,
+}
+
+/// Stops a stage early: a failure, or a divergence that is the trial's result.
+enum Stop {
+    Failed {
+        stage: &'static str,
+        message: String,
+        code: i32,
+    },
+    Diverged {
+        stage: &'static str,
+        step: usize,
+        reason: String,
+    },
+}
+
+fn failed(stage: &'static str) -> impl Fn(String) -> Stop {
+    move |message| Stop::Failed {
+        stage,
+        message,
+        code: 1,
+    }
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+}
+
+pub fn run<B: AutodiffBackend>(trial: &Trial, keys: &StageKeys, cx: &mut Context<B>) -> TrialRun {
+    let mut summary = RunSummary::new(&trial.exp, cx.info);
+    summary.trial = trial.id.clone();
+    let mut store = Store::default();
+    cx.journal.log(&trial.id, "trial", "start");
+    let result = stages(trial, keys, cx, &mut summary, &mut store);
+    let status = match result {
+        Ok(()) => TrialStatus::Done,
+        Err(Stop::Diverged {
+            stage,
+            step,
+            reason,
+        }) => TrialStatus::Diverged {
+            stage: stage.into(),
+            step,
+            reason,
+        },
+        Err(Stop::Failed {
+            stage,
+            message,
+            code,
+        }) => TrialStatus::Failed {
+            stage: stage.into(),
+            message,
+            code,
+        },
+    };
+    match &status {
+        TrialStatus::Done => {}
+        TrialStatus::Diverged {
+            stage,
+            step,
+            reason,
+        } => {
+            summary.failure = Some(format!("`{stage}` diverged at step {step}: {reason}"));
+        }
+        TrialStatus::Failed { stage, message, .. } => {
+            summary.failure = Some(format!("stage `{stage}` failed: {message}"));
+            cx.journal
+                .log(&trial.id, stage, "failed")
+                .detail(message.clone());
+        }
+    }
+    TrialRun {
+        status,
+        summary,
+        store,
+    }
+}
+
+fn stages<B: AutodiffBackend>(
+    trial: &Trial,
+    keys: &StageKeys,
+    cx: &mut Context<B>,
+    summary: &mut RunSummary,
+    store: &mut Store,
+) -> Result<(), Stop> {
+    // Fast path: the whole trial is cached; nothing to load but its records.
+    if let Some(m) = cx.cache.done("finetune", &keys.finetune) {
+        return reuse_finetune(trial, keys, cx, summary, store, m.status);
+    }
+    let exp = &trial.exp;
+    let started = Instant::now();
+    let data = Datasets::load(exp).map_err(|e| Stop::Failed {
+        stage: "data",
+        message: e.to_string(),
+        code: 2,
+    })?;
+    summary.labels = data.labels.clone();
+    summary
+        .stage_times
+        .push(("data".into(), started.elapsed().as_secs_f64()));
+
+    let started = Instant::now();
+    let tokenizer = tokenizer_stage(trial, keys, cx, &data, summary)?;
+    summary.vocab_size = Some(tokenizer.vocab_size);
+    let encoded = stats::encode_all(&data, &tokenizer, exp.raw.model.max_len)
+        .map_err(|e| failed("tokenizer")(e.to_string()))?;
+    summary.data = encoded.stats.clone();
+    summary
+        .stage_times
+        .push(("tokenizer".into(), started.elapsed().as_secs_f64()));
+
+    let m = &exp.raw.model;
+    let cfg = BackboneConfig {
+        vocab_size: tokenizer.vocab_size,
+        d_model: m.d_model,
+        layers: m.layers,
+        heads: m.heads,
+        d_ff: m.d_ff,
+        max_len: m.max_len,
+        dropout: m.dropout,
+        pre_norm: m.norm == crate::config::model::NormPlacement::Pre,
+        causal: exp.raw.pretrain.objective == Objective::Ar,
+    };
+    summary.parameters = Some(cfg.parameters());
+    summary.model = Some(cfg.clone());
+
+    let started = Instant::now();
+    let backbone = pretrain_stage(trial, keys, cx, &encoded, &tokenizer, &cfg, summary, store)?;
+    summary
+        .stage_times
+        .push(("pretrain".into(), started.elapsed().as_secs_f64()));
+
+    let Some(building) = begin_or_reuse(trial, keys, cx, summary, store)? else {
+        return Ok(());
+    };
+    finetune_stage(
+        trial, keys, cx, &data, &encoded, backbone, &cfg, summary, store, building,
+    )
+}
+
+/// Locks the finetune entry; if another process finished it while we waited, reuses it instead.
+fn begin_or_reuse<B: AutodiffBackend>(
+    trial: &Trial,
+    keys: &StageKeys,
+    cx: &mut Context<B>,
+    summary: &mut RunSummary,
+    store: &mut Store,
+) -> Result<Option<Building>, Stop> {
+    let building = cx
+        .cache
+        .begin("finetune", &keys.finetune)
+        .map_err(failed("finetune"))?;
+    match cx.cache.done("finetune", &keys.finetune) {
+        Some(m) => {
+            drop(building);
+            store.records.clear();
+            reuse_finetune(trial, keys, cx, summary, store, m.status).map(|()| None)
+        }
+        None => Ok(Some(building)),
+    }
+}
+
+/// Fills the trial from cached entries: the finetune entry's summary and records, plus the
+/// pretraining records of its parent entry.
+fn reuse_finetune<B: Backend>(
+    trial: &Trial,
+    keys: &StageKeys,
+    cx: &mut Context<B>,
+    summary: &mut RunSummary,
+    store: &mut Store,
+    status: Status,
+) -> Result<(), Stop> {
+    let entry = cx.cache.entry("finetune", &keys.finetune);
+    cx.journal
+        .log(&trial.id, "finetune", "cached")
+        .key(&keys.finetune.hash);
+    let text = std::fs::read_to_string(entry.join("summary.json"))
+        .map_err(|e| failed("finetune")(format!("cached entry {}: {e}", entry.display())))?;
+    let cached: RunSummary = serde_json::from_str(&text)
+        .map_err(|e| failed("finetune")(format!("cached entry {}: {e}", entry.display())))?;
+    let fresh = std::mem::replace(summary, cached);
+    // The entry may have been built by another trial or experiment: keep this trial's identity.
+    summary.name = fresh.name;
+    summary.description = fresh.description;
+    summary.experiment_file = fresh.experiment_file;
+    summary.config_toml = fresh.config_toml;
+    summary.trial = fresh.trial;
+    summary.git_commit = fresh.git_commit;
+    summary.data_root = fresh.data_root;
+    for s in &mut summary.stages {
+        s.cached = true;
+    }
+    if let Some(key) = &keys.pretrain {
+        let dir = cx.cache.entry("pretrain", key);
+        store.records.extend(read_records(&dir, "pretrain")?);
+    }
+    store.records.extend(read_records(&entry, "finetune")?);
+    for (split, scores) in &summary.scores {
+        store.push_scores(split, scores, &summary.labels);
+    }
+    match status {
+        Status::Done => Ok(()),
+        Status::Diverged { step, reason } => {
+            let stage = summary
+                .failure
+                .as_deref()
+                .filter(|f| f.contains("`pretrain`"))
+                .map_or("finetune", |_| "pretrain");
+            Err(Stop::Diverged {
+                stage,
+                step,
+                reason,
+            })
+        }
+    }
+}
+
+fn read_records(dir: &Path, stage: &'static str) -> Result<Vec<crate::metrics::Record>, Stop> {
+    Store::read_records(dir)
+        .map(|s| s.records)
+        .map_err(|e| failed(stage)(format!("cached records in {}: {e}", dir.display())))
+}
+
+fn tokenizer_stage<B: Backend>(
+    trial: &Trial,
+    keys: &StageKeys,
+    cx: &mut Context<B>,
+    data: &Datasets,
+    summary: &mut RunSummary,
+) -> Result<TextTokenizer, Stop> {
+    let err = failed("tokenizer");
+    let key = &keys.tokenizer;
+    let load = |dir: &Path| TextTokenizer::load(&dir.join("tokenizer.json"));
+    let cached = cx.cache.done("tokenizer", key).is_some();
+    summary
+        .stages
+        .push(StageUse::new("tokenizer", &key.hash, cached));
+    if cached {
+        cx.journal
+            .log(&trial.id, "tokenizer", "cached")
+            .key(&key.hash);
+        return load(&cx.cache.entry("tokenizer", key)).map_err(|e| err(e.to_string()));
+    }
+    let building = cx.cache.begin("tokenizer", key).map_err(&err)?;
+    if cx.cache.done("tokenizer", key).is_some() {
+        return load(&cx.cache.entry("tokenizer", key)).map_err(|e| err(e.to_string()));
+    }
+    cx.journal
+        .log(&trial.id, "tokenizer", "start")
+        .key(&key.hash);
+    let exp = &trial.exp;
+    let base_dir = exp.file.parent().unwrap_or(Path::new("")).to_path_buf();
+    let tok = TextTokenizer::build(&exp.raw.tokenizer, &base_dir, data.tokenizer_texts())
+        .map_err(|e| err(e.to_string()))?;
+    let built_by = format!("{}/{}", cx.experiment, trial.id);
+    cx.cache
+        .commit("tokenizer", key, building, &built_by, Status::Done, |dir| {
+            tok.save(&dir.join("tokenizer.json"))
+                .map_err(|e| e.to_string())
+        })
+        .map_err(&err)?;
+    cx.journal
+        .log(&trial.id, "tokenizer", "done")
+        .key(&key.hash);
+    log(
+        cx.opts,
+        &format!("tokenizer: {} tokens in the vocabulary", tok.vocab_size),
+    );
+    Ok(tok)
+}
+
+fn log(opts: &Options, line: &str) {
+    if !opts.quiet {
+        eprintln!("{line}");
+    }
+}
+
+/// Checkpoints of the stage being built, logged in the journal as they are written.
+fn checkpoints<'a>(
+    building: &Building,
+    every: usize,
+    on_save: &'a mut dyn FnMut(usize),
+) -> Checkpoints<'a> {
+    Checkpoints {
+        dir: building.partial.clone(),
+        every,
+        on_save,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pretrain_stage<B: AutodiffBackend>(
+    trial: &Trial,
+    keys: &StageKeys,
+    cx: &mut Context<B>,
+    encoded: &Encoded,
+    tokenizer: &TextTokenizer,
+    cfg: &BackboneConfig,
+    summary: &mut RunSummary,
+    store: &mut Store,
+) -> Result<Backbone<B::InnerBackend>, Stop> {
+    let exp = &trial.exp;
+    let p = &exp.raw.pretrain;
+    let seed = exp.raw.experiment.seed;
+    let device = cx.device.clone();
+    B::seed(&device, seed);
+    let backbone = cfg.init::<B>(&device);
+    let Some(key) = &keys.pretrain else {
+        return Ok(backbone.valid());
+    };
+    let err = failed("pretrain");
+    let model = LmModel {
+        backbone,
+        head: LmHead::new(cfg.d_model, cfg.vocab_size, &device),
+    };
+    let reuse =
+        |cx: &mut Context<B>, store: &mut Store, summary: &mut RunSummary, status: Status| {
+            let dir = cx.cache.entry("pretrain", key);
+            cx.journal
+                .log(&trial.id, "pretrain", "cached")
+                .key(&key.hash);
+            summary
+                .stages
+                .push(StageUse::new("pretrain", &key.hash, true));
+            store.records.extend(read_records(&dir, "pretrain")?);
+            if let Status::Diverged { step, reason } = status {
+                return Err(Stop::Diverged {
+                    stage: "pretrain",
+                    step,
+                    reason,
+                });
+            }
+            let loaded = model
+                .clone()
+                .valid()
+                .load_file(dir.join("model"), &recorder(), &device)
+                .map_err(|e| err(format!("cached model in {}: {e}", dir.display())))?;
+            Ok(loaded.backbone)
+        };
+    if let Some(m) = cx.cache.done("pretrain", key) {
+        return reuse(cx, store, summary, m.status);
+    }
+    let building = cx.cache.begin("pretrain", key).map_err(&err)?;
+    if let Some(m) = cx.cache.done("pretrain", key) {
+        drop(building);
+        return reuse(cx, store, summary, m.status);
+    }
+    summary
+        .stages
+        .push(StageUse::new("pretrain", &key.hash, false));
+    let (train, validation) = stats::hold_out(&encoded.corpus, p.validation_fraction, seed);
+    let task = PretrainTask::<B> {
+        train: &train,
+        validation: &validation,
+        objective: p.objective,
+        specials: tokenizer.specials,
+        vocab_size: tokenizer.vocab_size,
+        mask_prob: p.mask_prob,
+        batch_size: p.batch_size,
+        eval_batch_size: exp.raw.eval.batch_size,
+        seed,
+        device: device.clone(),
+    };
+    let per_epoch = train.len().div_ceil(p.batch_size).max(1);
+    let max_steps = match (p.steps, p.epochs) {
+        (_, Some(epochs)) => epochs * per_epoch,
+        (Some(steps), None) => steps,
+        (None, None) => DEFAULT_PRETRAIN_STEPS,
+    };
+    let budget = Budget {
+        max_steps,
+        max_epochs: usize::MAX,
+        eval_every: Some(p.eval_every),
+        eval_each_epoch: false,
+        patience: 0,
+        keep_best: false,
+        seed,
+    };
+    let mut stage_store = Store::default();
+    let result = run_fit(
+        trial,
+        key,
+        cx,
+        "pretrain",
+        &building,
+        &task,
+        model,
+        &exp.pretrain_optim(),
+        &budget,
+        &mut stage_store,
+    );
+    store.records.extend(stage_store.records.iter().cloned());
+    let built_by = format!("{}/{}", cx.experiment, trial.id);
+    let write_records = |dir: &Path| stage_store.write(dir).map_err(|e| e.to_string());
+    match result {
+        Ok(fitted) => {
+            let model = fitted.model;
+            cx.cache
+                .commit("pretrain", key, building, &built_by, Status::Done, |dir| {
+                    write_records(dir)?;
+                    model
+                        .clone()
+                        .save_file(dir.join("model"), &recorder())
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(&err)?;
+            cx.journal
+                .log(&trial.id, "pretrain", "done")
+                .key(&key.hash)
+                .step(fitted.steps);
+            Ok(model.backbone)
+        }
+        Err(TrainError::Diverged { step, value }) => {
+            let reason = format!("loss became {value}");
+            let status = Status::Diverged {
+                step,
+                reason: reason.clone(),
+            };
+            cx.cache
+                .commit("pretrain", key, building, &built_by, status, write_records)
+                .map_err(&err)?;
+            cx.journal
+                .log(&trial.id, "pretrain", "diverged")
+                .key(&key.hash)
+                .step(step)
+                .detail(reason.clone());
+            Err(Stop::Diverged {
+                stage: "pretrain",
+                step,
+                reason,
+            })
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Runs `fit` with checkpoints in the entry's partial folder, saying so when it resumes.
+#[allow(clippy::too_many_arguments)]
+fn run_fit<B: AutodiffBackend, T: crate::train::Task<B>>(
+    trial: &Trial,
+    key: &crate::plan::keys::Key,
+    cx: &mut Context<B>,
+    stage: &'static str,
+    building: &Building,
+    task: &T,
+    model: T::Model,
+    optim: &crate::config::train::Optim,
+    budget: &Budget,
+    store: &mut Store,
+) -> Result<crate::train::Fitted<<T::Model as AutodiffModule<B>>::InnerModule>, TrainError> {
+    match cx.cache.partial_step(stage, key) {
+        Some(step) => {
+            cx.journal
+                .log(&trial.id, stage, "resume")
+                .key(&key.hash)
+                .step(step);
+            log(
+                cx.opts,
+                &format!(
+                    "{} {stage}: resuming from the checkpoint at step {step}",
+                    cx.label
+                ),
+            );
+        }
+        None => {
+            cx.journal.log(&trial.id, stage, "start").key(&key.hash);
+        }
+    }
+    let every = trial.exp.raw.experiment.checkpoint_every;
+    let mut bar = Progress::new(&format!("{} {stage}", cx.label), cx.opts.quiet);
+    let journal = &mut *cx.journal;
+    let mut on_save = |step: usize| {
+        journal.log(&trial.id, stage, "checkpoint").step(step);
+    };
+    let ck = checkpoints(building, every, &mut on_save);
+    fit(task, model, optim, budget, stage, store, &mut bar, Some(ck))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finetune_stage<B: AutodiffBackend>(
+    trial: &Trial,
+    keys: &StageKeys,
+    cx: &mut Context<B>,
+    data: &Datasets,
+    encoded: &Encoded,
+    backbone: Backbone<B::InnerBackend>,
+    cfg: &BackboneConfig,
+    summary: &mut RunSummary,
+    store: &mut Store,
+    building: Building,
+) -> Result<(), Stop> {
+    let exp = &trial.exp;
+    let key = &keys.finetune;
+    let err = failed("finetune");
+    let f = &exp.raw.finetune;
+    let seed = exp.raw.experiment.seed;
+    let device = cx.device.clone();
+    summary
+        .stages
+        .push(StageUse::new("finetune", &key.hash, false));
+    B::seed(&device, seed.wrapping_add(1));
+    let pool = match f.pooling {
+        Pooling::Cls => Pool::First,
+        Pooling::Mean => Pool::Mean,
+        Pooling::Last => Pool::Last,
+        Pooling::Auto if cfg.causal => Pool::Last,
+        Pooling::Auto => Pool::First,
+    };
+    let classes = data.labels.len();
+    let model = Classifier {
+        backbone: Backbone::<B>::from_inner(backbone),
+        head: ClassifierHead::new(cfg.d_model, classes, cfg.dropout, &device),
+    };
+    let task = FinetuneTask::<B> {
+        train: &encoded.train,
+        dev: encoded.dev.as_ref(),
+        classes,
+        pool,
+        pad_id: encoded.pad_id,
+        batch_size: f.batch_size,
+        eval_batch_size: exp.raw.eval.batch_size,
+        select: f.select_metric,
+        seed: seed.wrapping_add(1),
+        device: device.clone(),
+    };
+    let per_epoch = encoded.train.ids.len().div_ceil(f.batch_size).max(1);
+    let budget = Budget {
+        max_steps: f.epochs * per_epoch,
+        max_epochs: f.epochs,
+        eval_every: None,
+        eval_each_epoch: true,
+        patience: f.patience,
+        keep_best: true,
+        seed: seed.wrapping_add(1),
+    };
+    let started = Instant::now();
+    let mut stage_store = Store::default();
+    let result = run_fit(
+        trial,
+        key,
+        cx,
+        "finetune",
+        &building,
+        &task,
+        model,
+        &exp.finetune_optim(),
+        &budget,
+        &mut stage_store,
+    );
+    summary
+        .stage_times
+        .push(("finetune".into(), started.elapsed().as_secs_f64()));
+    let built_by = format!("{}/{}", cx.experiment, trial.id);
+    let (status, model) = match result {
+        Ok(fitted) => {
+            log(
+                cx.opts,
+                &format!(
+                    "{} finetune: {} steps{}{}",
+                    cx.label,
+                    fitted.steps,
+                    fitted
+                        .best_step
+                        .map_or(String::new(), |s| format!(", best dev score at step {s}")),
+                    if fitted.stopped_early {
+                        ", stopped early"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            (Status::Done, Some(fitted.model))
+        }
+        Err(TrainError::Diverged { step, value }) => {
+            let reason = format!("loss became {value}");
+            summary.failure = Some(format!("`finetune` diverged at step {step}: {reason}"));
+            (Status::Diverged { step, reason }, None)
+        }
+        Err(e) => {
+            store.records.extend(stage_store.records);
+            return Err(err(e.to_string()));
+        }
+    };
+    if let Some(model) = &model {
+        let started = Instant::now();
+        evaluate::<B::InnerBackend>(exp, encoded, model, pool, &data.labels, summary, &device);
+        summary
+            .stage_times
+            .push(("eval".into(), started.elapsed().as_secs_f64()));
+    }
+    cx.cache
+        .commit(
+            "finetune",
+            key,
+            building,
+            &built_by,
+            status.clone(),
+            |dir| {
+                stage_store.write(dir).map_err(|e| e.to_string())?;
+                let json = serde_json::to_string_pretty(&*summary).map_err(|e| e.to_string())?;
+                std::fs::write(dir.join("summary.json"), json).map_err(|e| e.to_string())?;
+                match &model {
+                    Some(m) => m
+                        .clone()
+                        .save_file(dir.join("model"), &recorder())
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            },
+        )
+        .map_err(&err)?;
+    store.records.extend(stage_store.records);
+    for (split, scores) in &summary.scores {
+        store.push_scores(split, scores, &summary.labels);
+    }
+    match status {
+        Status::Done => {
+            cx.journal.log(&trial.id, "finetune", "done").key(&key.hash);
+            Ok(())
+        }
+        Status::Diverged { step, reason } => {
+            cx.journal
+                .log(&trial.id, "finetune", "diverged")
+                .key(&key.hash)
+                .step(step)
+                .detail(reason.clone());
+            Err(Stop::Diverged {
+                stage: "finetune",
+                step,
+                reason,
+            })
+        }
+    }
+}
+
+fn evaluate<B: Backend>(
+    exp: &crate::config::Experiment,
+    encoded: &Encoded,
+    model: &Classifier<B>,
+    pool: Pool,
+    labels: &[String],
+    summary: &mut RunSummary,
+    device: &B::Device,
+) {
+    let batch = exp.raw.eval.batch_size;
+    let splits = [
+        ("dev", encoded.dev.as_ref()),
+        ("test", encoded.test.as_ref()),
+    ];
+    for (name, split) in splits {
+        let Some(split) = split else { continue };
+        let scores = tasks::evaluate_split(
+            model,
+            split,
+            labels.len(),
+            pool,
+            encoded.pad_id,
+            batch,
+            device,
+        );
+        summary.scores.push((name.to_string(), scores));
+    }
+}

@@ -1,0 +1,215 @@
+//! Cache keys. Each stage's key is the hash of a `Serialize` struct listing everything its output
+//! depends on: its own config subset (with defaults filled in), its parents' keys, the content hashes
+//! of its input files, the backend and xrun's version. Paths and names are left out, so moving the
+//! data or renaming the experiment reuses what was computed.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::data::{Format, OnError, SourceSpec};
+use crate::config::experiment::BackendChoice;
+use crate::config::model::{ModelSection, TokenizerSection};
+use crate::config::train::{EvalSection, FinetuneSection, Objective, Optim, PretrainSection};
+use crate::config::Experiment;
+
+/// Content hashes of input files, each file read once per process.
+#[derive(Default)]
+pub struct FileHashes {
+    known: HashMap<PathBuf, String>,
+}
+
+impl FileHashes {
+    pub fn of(&mut self, path: &Path) -> std::io::Result<String> {
+        if let Some(h) = self.known.get(path) {
+            return Ok(h.clone());
+        }
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let hex = hasher.finalize().to_hex().to_string();
+        self.known.insert(path.to_path_buf(), hex.clone());
+        Ok(hex)
+    }
+}
+
+/// The keys of one trial's stages; `pretrain` is `None` when the objective is `none`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StageKeys {
+    pub tokenizer: Key,
+    pub pretrain: Option<Key>,
+    pub finetune: Key,
+}
+
+/// A stage key: the short hash names the cache entry; the JSON it hashes is kept in its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Key {
+    pub hash: String,
+    pub inputs: serde_json::Value,
+}
+
+impl Key {
+    fn of<T: Serialize>(inputs: &T) -> Self {
+        let inputs = serde_json::to_value(inputs).unwrap_or_default();
+        let bytes = serde_json::to_vec(&inputs).unwrap_or_default();
+        let hash = blake3::hash(&bytes).to_hex()[..20].to_string();
+        Key { hash, inputs }
+    }
+}
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Serialize)]
+struct Source<'a> {
+    format: Format,
+    text: &'a str,
+    text_pair: Option<&'a str>,
+    label: Option<&'a str>,
+    limit: Option<usize>,
+    files: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct TokenizerInputs<'a> {
+    stage: &'static str,
+    xrun: &'static str,
+    tokenizer: &'a TokenizerSection,
+    tokenizer_file: Option<String>,
+    on_error: OnError,
+    texts: Source<'a>,
+}
+
+#[derive(Serialize)]
+struct PretrainInputs<'a> {
+    stage: &'static str,
+    xrun: &'static str,
+    backend: BackendChoice,
+    seed: u64,
+    tokenizer: &'a str,
+    model: &'a ModelSection,
+    pretrain: PretrainSection,
+    optim: Optim,
+    eval: &'a EvalSection,
+    on_error: OnError,
+    corpus: Source<'a>,
+}
+
+#[derive(Serialize)]
+struct FinetuneInputs<'a> {
+    stage: &'static str,
+    xrun: &'static str,
+    backend: BackendChoice,
+    seed: u64,
+    tokenizer: &'a str,
+    pretrain: Option<&'a str>,
+    objective: Objective,
+    model: &'a ModelSection,
+    finetune: FinetuneSection,
+    optim: Optim,
+    eval: &'a EvalSection,
+    on_error: OnError,
+    train: Source<'a>,
+    dev: Option<Source<'a>>,
+    test: Option<Source<'a>>,
+}
+
+fn source<'a>(
+    exp: &Experiment,
+    spec: &'a SourceSpec,
+    hashes: &mut FileHashes,
+) -> std::io::Result<Source<'a>> {
+    let files = spec
+        .paths
+        .iter()
+        .map(|p| hashes.of(&exp.data_path(p)))
+        .collect::<Result<_, _>>()?;
+    Ok(Source {
+        format: spec.format,
+        text: &spec.text,
+        text_pair: spec.text_pair.as_deref(),
+        label: spec.label.as_deref(),
+        limit: spec.limit,
+        files,
+    })
+}
+
+pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<StageKeys> {
+    let raw = &exp.raw;
+    let d = &raw.data;
+    let base = exp.file.parent().unwrap_or(Path::new(""));
+    let tokenizer_file = match &raw.tokenizer.path {
+        Some(p) => Some(hashes.of(&base.join(p))?),
+        None => None,
+    };
+    let mut tokenizer_section = raw.tokenizer.clone();
+    tokenizer_section.path = None;
+    let tokenizer = Key::of(&TokenizerInputs {
+        stage: "tokenizer",
+        xrun: VERSION,
+        tokenizer: &tokenizer_section,
+        tokenizer_file,
+        on_error: d.on_error,
+        texts: source(exp, d.corpus.as_ref().unwrap_or(&d.train), hashes)?,
+    });
+    let backend = raw.experiment.backend;
+    let seed = raw.experiment.seed;
+    let pretrain = match (&d.corpus, raw.pretrain.objective) {
+        (Some(corpus), objective) if objective != Objective::None => {
+            let mut section = raw.pretrain.clone();
+            let optim = exp.pretrain_optim();
+            section.optim = Default::default();
+            Some(Key::of(&PretrainInputs {
+                stage: "pretrain",
+                xrun: VERSION,
+                backend,
+                seed,
+                tokenizer: &tokenizer.hash,
+                model: &raw.model,
+                pretrain: section,
+                optim,
+                eval: &raw.eval,
+                on_error: d.on_error,
+                corpus: source(exp, corpus, hashes)?,
+            }))
+        }
+        _ => None,
+    };
+    let mut finetune_section = raw.finetune.clone();
+    finetune_section.optim = Default::default();
+    let finetune = Key::of(&FinetuneInputs {
+        stage: "finetune",
+        xrun: VERSION,
+        backend,
+        seed,
+        tokenizer: &tokenizer.hash,
+        pretrain: pretrain.as_ref().map(|k| k.hash.as_str()),
+        objective: raw.pretrain.objective,
+        model: &raw.model,
+        finetune: finetune_section,
+        optim: exp.finetune_optim(),
+        eval: &raw.eval,
+        on_error: d.on_error,
+        train: source(exp, &d.train, hashes)?,
+        dev: d.dev.as_ref().map(|s| source(exp, s, hashes)).transpose()?,
+        test: d
+            .test
+            .as_ref()
+            .map(|s| source(exp, s, hashes))
+            .transpose()?,
+    });
+    Ok(StageKeys {
+        tokenizer,
+        pretrain,
+        finetune,
+    })
+}
