@@ -551,3 +551,366 @@ fn a_second_run_on_the_same_directory_refuses() {
     );
     assert!(third.status.success(), "{}", stderr(&third));
 }
+
+/// Runs a sweep fixture into `out`; returns the process output.
+fn sweep(out: &Path, fixture: &str, extra: &[&str]) -> Output {
+    let out_set = format!("experiment.output_dir={}", out.display());
+    let file = format!("tests/fixtures/sweeps/{fixture}.toml");
+    let mut args = vec![file.as_str(), "--quiet", "--set", &out_set];
+    args.extend_from_slice(extra);
+    xrun(&root(), &args)
+}
+
+fn journal(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("journal.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Journal events of one kind since the last `start` of the `trial` stage in the given process.
+fn events(j: &[serde_json::Value], pid: Option<u64>, stage: &str, event: &str) -> usize {
+    j.iter()
+        .filter(|e| pid.is_none_or(|p| e["pid"].as_u64() == Some(p)))
+        .filter(|e| e["stage"] == stage && e["event"] == event)
+        .count()
+}
+
+fn last_pid(j: &[serde_json::Value]) -> Option<u64> {
+    j.last().and_then(|e| e["pid"].as_u64())
+}
+
+#[test]
+fn plan_lists_trials_and_stages_without_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_set = format!("experiment.output_dir={}", tmp.path().display());
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "tests/fixtures/sweeps/fewclue.toml",
+            "--set",
+            &out_set,
+        ];
+        args.extend_from_slice(extra);
+        let o = xrun(&root(), &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).replace(&tmp.path().display().to_string(), "<out>")
+    };
+    insta::assert_snapshot!("plan_before", plan(&[]));
+    assert!(
+        !tmp.path().join("fewclue_tiny").exists(),
+        "plan trains nothing"
+    );
+    let o = sweep(tmp.path(), "fewclue", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One more learning rate: the old trials keep their ids and stay cached, only new ones run.
+    insta::assert_snapshot!(
+        "plan_after_adding_a_value",
+        plan(&["--set", "sweep.grid.finetune.optim.lr=[2e-4, 5e-4]"])
+    );
+}
+
+#[test]
+fn a_finished_sweep_reruns_nothing_and_a_new_value_runs_only_its_trials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("fewclue_tiny");
+    let o = sweep(tmp.path(), "fewclue", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = std::fs::read_to_string(run.join("results.csv")).unwrap();
+    let j = journal(&run);
+    let pid = last_pid(&j);
+    assert_eq!(
+        events(&j, pid, "tokenizer", "done"),
+        1,
+        "one shared tokenizer"
+    );
+    assert_eq!(
+        events(&j, pid, "pretrain", "done"),
+        1,
+        "one MLM pretraining for 3 splits"
+    );
+    assert_eq!(events(&j, pid, "finetune", "done"), 6);
+
+    let o = sweep(tmp.path(), "fewclue", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = journal(&run);
+    let pid = last_pid(&j);
+    assert_eq!(events(&j, pid, "finetune", "cached"), 6);
+    for stage in ["tokenizer", "pretrain", "finetune"] {
+        assert_eq!(events(&j, pid, stage, "start"), 0, "{stage} ran again");
+    }
+    assert_eq!(
+        std::fs::read_to_string(run.join("results.csv")).unwrap(),
+        first,
+        "reused results are the same results"
+    );
+
+    let o = sweep(
+        tmp.path(),
+        "fewclue",
+        &["--set", "sweep.grid.finetune.optim.lr=[2e-4, 5e-4]"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = journal(&run);
+    let pid = last_pid(&j);
+    assert_eq!(events(&j, pid, "tokenizer", "start"), 0);
+    assert_eq!(
+        events(&j, pid, "pretrain", "start"),
+        0,
+        "pretraining is reused"
+    );
+    assert_eq!(
+        events(&j, pid, "finetune", "start"),
+        6,
+        "only the new lr runs"
+    );
+    assert_eq!(events(&j, pid, "finetune", "cached"), 6);
+    let trials = |run: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(run.join("plan.json")).unwrap();
+        let plan: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        plan.iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(trials(&run).contains(&"lr=0.0005_objective=mlm_split=1".to_string()));
+
+    // A value added to an existing axis leaves the other trials' ids alone.
+    let before = trials(&run);
+    let o = sweep(
+        tmp.path(),
+        "fewclue",
+        &[
+            "--set",
+            "sweep.grid.finetune.optim.lr=[2e-4, 5e-4]",
+            "--set",
+            "sweep.grid.pretrain.objective=[\"none\", \"mlm\", \"ar\"]",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = trials(&run);
+    assert!(
+        before.iter().all(|t| after.contains(t)),
+        "{before:?} vs {after:?}"
+    );
+    assert_eq!(after.len(), 18);
+    let j = journal(&run);
+    let pid = last_pid(&j);
+    assert_eq!(events(&j, pid, "pretrain", "start"), 1, "only AR pretrains");
+    assert_eq!(
+        events(&j, pid, "finetune", "start"),
+        6,
+        "only the AR trials run"
+    );
+}
+
+#[test]
+fn a_diverged_trial_is_reported_and_the_sweep_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("fewclue_tiny");
+    let extra = [
+        "--set",
+        "sweep.split=[1]",
+        "--set",
+        "sweep.grid.finetune.optim.lr=[2e-4, 1e30]",
+    ];
+    let o = sweep(tmp.path(), "fewclue", &extra);
+    assert!(
+        o.status.success(),
+        "a diverged trial is a result: {}",
+        stderr(&o)
+    );
+    let rows = read_csv(&run.join("results.csv"));
+    let status = rows[0].iter().position(|h| h == "status").unwrap();
+    let trial = rows[0].iter().position(|h| h == "trial").unwrap();
+    for r in &rows[1..] {
+        let expected = if r[trial].starts_with("lr=1e30_") {
+            "diverged"
+        } else {
+            "done"
+        };
+        assert_eq!(r[status], expected, "{r:?}");
+    }
+    let j = journal(&run);
+    let diverged: Vec<&serde_json::Value> = j.iter().filter(|e| e["event"] == "diverged").collect();
+    assert_eq!(diverged.len(), 2, "one per objective");
+    // The warm-up's first step has a learning rate of 0; the loss is NaN a step or two later.
+    assert!(diverged
+        .iter()
+        .all(|e| e["stage"] == "finetune"
+            && e["step"].as_u64().is_some_and(|s| (2..=3).contains(&s))));
+    assert!(diverged.iter().all(|e| e["detail"] == "loss became NaN"));
+    let html = std::fs::read_to_string(run.join("index.html")).unwrap();
+    assert!(
+        html.contains("2 of 4 trials did not finish"),
+        "the report lists them"
+    );
+    assert!(html.contains("`finetune` diverged at step"));
+    assert!(html.contains("loss became NaN"));
+    // Divergence is a cached outcome: the next run does not train it again.
+    let o = sweep(tmp.path(), "fewclue", &extra);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = journal(&run);
+    assert_eq!(events(&j, last_pid(&j), "finetune", "start"), 0);
+}
+
+/// Spawns the resume fixture and kills it (SIGKILL) once the journal holds `count` events matching
+/// `stage`/`event` from this process.
+fn run_and_kill(out: &Path, stage: &str, event: &str, count: usize) {
+    let out_set = format!("experiment.output_dir={}", out.display());
+    let mut child = Command::new(XRUN)
+        .current_dir(root())
+        .args(["tests/fixtures/sweeps/resume.toml", "-q", "--set", &out_set])
+        .env_remove("XRUN_DATA_ROOT")
+        .spawn()
+        .unwrap();
+    let run = out.join("resume_tiny");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let j = journal(&run);
+        let mine = Some(u64::from(child.id()));
+        if events(&j, mine, stage, event) >= count {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "xrun finished before the kill point {stage}/{event} #{count}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kill point never reached"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        status.code().is_none(),
+        "xrun was killed, not finished: {status}"
+    );
+}
+
+fn loss_curve(run: &Path, trial: &str, stage: &str) -> Vec<f64> {
+    use polars::prelude::*;
+    let df = xrun::metrics::read_parquet(&run.join("metrics.parquet")).unwrap();
+    let mask = df.column("trial").unwrap().str().unwrap().equal(trial)
+        & df.column("stage").unwrap().str().unwrap().equal(stage)
+        & df.column("metric").unwrap().str().unwrap().equal("loss")
+        & df.column("split").unwrap().str().unwrap().equal("train");
+    let rows = df.filter(&mask).unwrap();
+    rows.column("value")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
+}
+
+#[test]
+fn killed_at_any_point_and_restarted_gives_the_uninterrupted_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("reference");
+    let o = sweep(&reference, "resume", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected = std::fs::read_to_string(reference.join("resume_tiny/results.csv")).unwrap();
+    let trials = ["objective=mlm_split=1", "objective=mlm_split=few_all"];
+
+    // Kill points: mid-pretraining (after its 2nd checkpoint), mid-fine-tuning of the first
+    // trial, and in the second trial after the first finished; the last directory is killed
+    // twice before it is allowed to finish.
+    let cases: [&[(&str, &str, usize)]; 3] = [
+        &[("pretrain", "checkpoint", 2)],
+        &[("finetune", "checkpoint", 3)],
+        &[("pretrain", "checkpoint", 1), ("finetune", "done", 1)],
+    ];
+    for (i, kills) in cases.iter().enumerate() {
+        let out = tmp.path().join(format!("killed{i}"));
+        for &(stage, event, count) in kills.iter() {
+            run_and_kill(&out, stage, event, count);
+        }
+        let o = sweep(&out, "resume", &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let run = out.join("resume_tiny");
+        assert_eq!(
+            std::fs::read_to_string(run.join("results.csv")).unwrap(),
+            expected,
+            "case {i}: results differ from the uninterrupted run"
+        );
+        for t in trials {
+            for stage in ["pretrain", "finetune"] {
+                assert_eq!(
+                    loss_curve(&run, t, stage),
+                    loss_curve(&reference.join("resume_tiny"), t, stage),
+                    "case {i}: {t} {stage} loss curve differs"
+                );
+            }
+        }
+        let j = journal(&run);
+        let pid = last_pid(&j);
+        assert_eq!(events(&j, pid, "trial", "start"), 2);
+        let resumed = events(&j, pid, "pretrain", "resume") + events(&j, pid, "finetune", "resume");
+        match i {
+            0 | 1 => assert_eq!(resumed, 1, "case {i}: the interrupted stage resumed"),
+            _ => {
+                assert_eq!(
+                    events(&j, pid, "finetune", "cached"),
+                    1,
+                    "the finished trial is reused"
+                );
+                assert_eq!(events(&j, pid, "pretrain", "start"), 0);
+            }
+        }
+        // No half-written entries or checkpoints are left behind.
+        let cache = out.join(".cache");
+        for stage in ["tokenizer", "pretrain", "finetune"] {
+            for e in std::fs::read_dir(cache.join(stage)).unwrap() {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                assert!(
+                    !name.contains(".tmp-") && !name.ends_with(".partial"),
+                    "case {i}: left over {stage}/{name}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gc_removes_what_no_run_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path();
+    smoke(out, &[]);
+    // The same run directory, now with a different pretraining budget: the first run's pretrain and
+    // finetune entries are no longer referenced; the tokenizer still is.
+    smoke(out, &["--set", "pretrain.steps=20"]);
+    let count = |stage: &str| {
+        std::fs::read_dir(out.join(".cache").join(stage))
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains('.')
+            })
+            .count()
+    };
+    assert_eq!(
+        (count("tokenizer"), count("pretrain"), count("finetune")),
+        (1, 2, 2)
+    );
+    let dry = xrun(&root(), &["gc", "--dry-run", out.to_str().unwrap()]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(text.contains("would remove"), "{text}");
+    assert_eq!(count("pretrain"), 2, "a dry run removes nothing");
+    let real = xrun(&root(), &["gc", out.to_str().unwrap()]);
+    assert!(real.status.success(), "{}", stderr(&real));
+    assert_eq!(
+        (count("tokenizer"), count("pretrain"), count("finetune")),
+        (1, 1, 1)
+    );
+    // What is referenced is still there: the run is all cached.
+    smoke(out, &["--set", "pretrain.steps=20"]);
+    let j = journal(&out.join("smoke"));
+    assert_eq!(events(&j, last_pid(&j), "finetune", "cached"), 1);
+}

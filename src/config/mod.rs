@@ -403,12 +403,27 @@ fn misplaced_optim_key(bad: &str, known: &[String]) -> Option<String> {
 }
 
 /// Writes `value` at a dotted `path` of `raw` and reads the result back, as `--set` does.
-pub fn assign(raw: &RawDoc, path: &str, value: toml::Value) -> Result<RawDoc, String> {
-    let mut tree = toml::Value::try_from(raw).map_err(|e| e.to_string())?;
+/// On error, the diagnostic has no origin yet: the caller knows where the value came from.
+pub fn assign(raw: &RawDoc, path: &str, value: toml::Value) -> Result<RawDoc, Diagnostic> {
+    let mut tree =
+        toml::Value::try_from(raw).map_err(|e| Diagnostic::new(e.to_string(), Origin::Nowhere))?;
     let parts: Vec<&str> = path.split('.').collect();
-    set_path(&mut tree, &parts, value)?;
+    set_path(&mut tree, &parts, value).map_err(|m| Diagnostic::new(m, Origin::Nowhere))?;
     tree.try_into::<RawDoc>()
-        .map_err(|e| humanize(e.message().trim(), path, Origin::Nowhere).message)
+        .map_err(|e| humanize(e.message().trim(), path, Origin::Nowhere))
+}
+
+/// Whether `path` names a key of the schema, set or not (an unset option has no value to look up).
+pub fn is_key(raw: &RawDoc, path: &str) -> bool {
+    if lookup(raw, path).is_some() {
+        return true;
+    }
+    match assign(raw, path, toml::Value::Integer(0)) {
+        Ok(_) => true,
+        Err(d) => {
+            !d.message.starts_with("unknown key") && !d.message.starts_with("unknown section")
+        }
+    }
 }
 
 /// The value at a dotted path of the resolved config, if there is one.

@@ -58,7 +58,7 @@ pub struct ReportSection {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Aggregate {
     /// Mean over the trials in a cell.
     Mean,

@@ -181,8 +181,10 @@ fn pretrain(c: &mut Checker, raw: &RawDoc) {
 fn optim(c: &mut Checker, section: &str, o: &OptimSection) {
     let key = |k: &str| format!("{section}.{k}");
     if let Some(lr) = o.lr {
-        c.require(lr.is_finite() && lr > 0.0 && lr < 1.0, &key("lr"), || {
-            format!("`{section}.lr` must be in (0, 1), got {lr}")
+        // No upper bound: learning-rate range tests go far past 1, and a run that diverges is
+        // stopped and reported as such.
+        c.require(lr.is_finite() && lr > 0.0, &key("lr"), || {
+            format!("`{section}.lr` must be a positive number, got {lr}")
         });
     }
     if let Some([b1, b2]) = o.betas {
@@ -242,7 +244,13 @@ fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
                     continue;
                 }
                 let full = root.join(super::fill_split(p, d.split.as_ref()));
-                c.require(full.is_file(), &at, || {
+                // A missing split file is the split value's fault when a sweep set it.
+                let place = if p.contains("{split}") {
+                    "data.split"
+                } else {
+                    at.as_str()
+                };
+                c.require(full.is_file(), place, || {
                     format!("data file not found: {}", full.display())
                 });
             }
@@ -290,7 +298,7 @@ fn report(c: &mut Checker, raw: &RawDoc) {
         });
         for (key, path) in [("rows", Some(&t.rows)), ("columns", t.columns.as_ref())] {
             let Some(path) = path else { continue };
-            c.require(super::lookup(raw, path).is_some() || is_axis(raw, path), &at(key), || {
+            c.require(super::is_key(raw, path) || is_axis(raw, path), &at(key), || {
                 format!("`{key}` = {path:?} is not a config key (e.g. \"pretrain.objective\", \"data.split\")")
             });
         }

@@ -234,6 +234,17 @@ fn run_on<B: AutodiffBackend>(
             code: *code,
         });
     }
+    if !runs.iter().any(|r| r.status == TrialStatus::Done) {
+        let what = if runs.len() == 1 {
+            "the trial diverged".to_string()
+        } else {
+            format!("all {} trials diverged", runs.len())
+        };
+        return Err(RunError::Trials {
+            message: format!("{what}; see {}", report.display()),
+            code: 1,
+        });
+    }
     let test_accuracy = match runs.as_slice() {
         [one] => one.store.result("test", "accuracy"),
         _ => None,

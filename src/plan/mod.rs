@@ -57,8 +57,9 @@ pub fn expand(exp: &Experiment) -> Result<Vec<Trial>, ConfigErrors> {
             assigned.push((path.clone(), exp.origin_of(&block.at)));
             match config::assign(&raw, path, value.clone()) {
                 Ok(next) => raw = next,
-                Err(msg) => {
-                    push_once(&mut diags, Diagnostic::new(msg, exp.origin_of(&block.at)));
+                Err(mut d) => {
+                    d.origin = exp.origin_of(&block.at);
+                    push_once(&mut diags, d);
                     failed = true;
                 }
             }
@@ -203,10 +204,11 @@ fn is_list(v: &toml::Value) -> bool {
     v.is_array()
 }
 
+/// `{ uniform = [..] }`: one key over a non-table value (a misspelt name is still a leaf, so the
+/// error names the parameter, not a key inside it).
 fn is_distribution(v: &toml::Value) -> bool {
-    v.as_table().is_some_and(|t| {
-        t.len() == 1 && t.keys().all(|k| Distribution::NAMES.contains(&k.as_str()))
-    })
+    v.as_table()
+        .is_some_and(|t| t.len() == 1 && t.values().all(|x| !x.is_table()))
 }
 
 /// Dotted paths to every leaf of nested tables; `leaf` says where a value stops being a table.
@@ -263,6 +265,7 @@ fn random_block(
     flatten(&r.params, "", &is_distribution, &mut leaves);
     leaves.sort_by(|a, b| a.0.cmp(&b.0));
     let mut params = Vec::new();
+    let leaves_empty = leaves.is_empty();
     for (path, v) in leaves {
         let place = format!("{at}.params.{path}");
         match v.clone().try_into::<Distribution>() {
@@ -275,7 +278,10 @@ fn random_block(
             },
             Err(_) => diags.push(
                 Diagnostic::new(
-                    format!("`{place}` = {v} is not a distribution"),
+                    format!(
+                        "`{place}` = {v} is not a distribution (known: {})",
+                        Distribution::NAMES.join(", ")
+                    ),
                     exp.origin_of(&place),
                 )
                 .with_help(Some(
@@ -286,11 +292,13 @@ fn random_block(
             ),
         }
     }
-    if params.is_empty() {
+    if leaves_empty {
         diags.push(Diagnostic::new(
             "`sweep.random.params` names no parameter to draw",
             exp.origin_of(at),
         ));
+    }
+    if params.is_empty() {
         return None;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(r.seed);
@@ -365,29 +373,10 @@ fn check_blocks(exp: &Experiment, blocks: &[Block], diags: &mut Vec<Diagnostic>)
                     format!("`{path}` is swept twice"),
                     exp.origin_of(&b.at),
                 ));
-            } else if config::lookup(&exp.raw, path).is_none() && path != "data.split" {
-                let known = known_keys(&exp.raw);
-                diags.push(
-                    Diagnostic::new(
-                        format!("`{path}` is not a config key"),
-                        exp.origin_of(&b.at),
-                    )
-                    .with_help(config::suggest(path, known.iter().map(String::as_str))),
-                );
             }
             seen.push(path);
         }
     }
-}
-
-/// Every dotted key of the resolved config, for "did you mean".
-fn known_keys(raw: &config::RawDoc) -> Vec<String> {
-    let Ok(toml::Value::Table(t)) = toml::Value::try_from(raw) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    flatten(&t, "", &|_| false, &mut out);
-    out.into_iter().map(|(k, _)| k).collect()
 }
 
 /// Every combination, the first block varying slowest.
@@ -445,6 +434,15 @@ pub fn trial_id(assignments: &[(String, toml::Value)]) -> String {
 pub fn value_label(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
+        // Shortest form: 0.0002 and 5e-5 rather than 0.00005, 1e30 rather than thirty zeros.
+        toml::Value::Float(x) => {
+            let plain = format!("{x}");
+            if plain.len() > 8 {
+                format!("{x:e}")
+            } else {
+                plain
+            }
+        }
         toml::Value::Array(a) => a.iter().map(value_label).collect::<Vec<_>>().join("+"),
         other => other.to_string(),
     }
@@ -456,4 +454,93 @@ pub fn swept_keys(trials: &[Trial]) -> Vec<String> {
         .first()
         .map(|t| t.assignments.iter().map(|(k, _)| k.clone()).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An experiment file over the shared EPRSTMT data with `sweep` appended.
+    fn load(sweep: &str) -> Result<Vec<Trial>, ConfigErrors> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data");
+        let text = format!(
+            "[experiment]\nname = \"t\"\n[data]\nroot = \"{data}\"\n[data.corpus]\n\
+             paths = [\"fewclue/eprstmt/unlabeled.json\"]\ntext = \"sentence\"\n[data.train]\n\
+             paths = [\"fewclue/eprstmt/train_{{split}}.json\"]\ntext = \"sentence\"\n\
+             label = \"label\"\n[sweep]\nsplit = [0]\n{sweep}"
+        );
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, text).expect("write");
+        let exp = config::load(&file, &[]).expect("the base file is valid");
+        expand(&exp)
+    }
+
+    fn ids(trials: &[Trial]) -> Vec<String> {
+        trials.iter().map(|t| t.id.clone()).collect()
+    }
+
+    #[test]
+    fn grid_zip_and_seeds_multiply_and_name_trials_by_value() {
+        let trials = load(
+            "seeds = [1, 2]\n[sweep.grid]\npretrain.objective = [\"mlm\", \"ar\"]\n\
+             [[sweep.zip]]\nfinetune.optim.lr = [1e-4, 3e-4]\nfinetune.batch_size = [8, 16]\n",
+        )
+        .expect("expands");
+        assert_eq!(trials.len(), 2 * 2 * 2);
+        assert_eq!(
+            trials[0].id,
+            "objective=mlm_batch_size=8_lr=0.0001_split=0_seed=1"
+        );
+        // Zipped keys vary together.
+        for t in &trials {
+            let lr = config::lookup(&t.exp.raw, "finetune.optim.lr").expect("lr");
+            let bs = config::lookup(&t.exp.raw, "finetune.batch_size").expect("bs");
+            assert_eq!(lr.as_float() == Some(1e-4), bs.as_integer() == Some(8));
+        }
+        assert_eq!(trials[7].exp.raw.experiment.seed, 2);
+    }
+
+    #[test]
+    fn adding_a_value_keeps_the_other_ids() {
+        let two = ids(&load("[sweep.grid]\nmodel.layers = [1, 2]\n").expect("expands"));
+        let three = ids(&load("[sweep.grid]\nmodel.layers = [1, 3, 2]\n").expect("expands"));
+        assert!(
+            two.iter().all(|id| three.contains(id)),
+            "{two:?} / {three:?}"
+        );
+    }
+
+    #[test]
+    fn random_search_is_seeded_and_in_range() {
+        let file = "[sweep.random]\ntrials = 5\nseed = 3\n\
+                    params.finetune.optim.lr = { log_uniform = [1e-5, 1e-3] }\n\
+                    params.model.layers = { int_uniform = [1, 3] }\n\
+                    params.finetune.pooling = { choice = [\"cls\", \"mean\"] }\n";
+        let a = load(file).expect("expands");
+        assert_eq!(
+            ids(&a),
+            ids(&load(file).expect("expands")),
+            "same file, same trials"
+        );
+        assert_eq!(a.len(), 5);
+        for t in &a {
+            let lr = t.exp.raw.finetune.optim.lr.expect("drawn");
+            assert!((1e-5..1e-3).contains(&lr), "{lr}");
+            assert!((1..=3).contains(&t.exp.raw.model.layers));
+        }
+        let other = load(&file.replace("seed = 3", "seed = 4")).expect("expands");
+        assert_ne!(ids(&a), ids(&other), "another seed draws other trials");
+    }
+
+    #[test]
+    fn a_bad_value_is_reported_at_the_sweep_entry() {
+        let err = load("[sweep.grid]\nmodel.dropout = [0.1, 1.5]\n").expect_err("rejected");
+        let text = err.to_string();
+        assert!(
+            text.contains("`model.dropout` must be in [0, 1), got 1.5"),
+            "{text}"
+        );
+        assert!(text.contains("model.dropout = [0.1, 1.5]"), "{text}");
+    }
 }

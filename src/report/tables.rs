@@ -321,3 +321,106 @@ pub fn latex(t: &Table) -> String {
     out.push_str("\\end{table}\n");
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::sweep::TableSpec;
+
+    fn spec(toml_text: &str) -> TableSpec {
+        toml::from_str(toml_text).expect("a table spec")
+    }
+
+    /// Two methods × three splits (`all` left out of the summary), seed replicates in one cell.
+    fn results() -> DataFrame {
+        let rows = [
+            ("none", "0", 0.30),
+            ("none", "1", 0.40),
+            ("none", "all", 0.50),
+            ("mlm", "0", 0.36),
+            ("mlm", "0", 0.40),
+            ("mlm", "1", 0.38),
+            ("mlm", "all", 0.45),
+        ];
+        let n = rows.len();
+        df!(
+            "trial" => (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>(),
+            "pretrain.objective" => rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            "data.split" => rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            "status" => vec!["done"; n],
+            "split" => vec!["test"; n],
+            "metric" => vec!["accuracy"; n],
+            "class" => vec![None::<&str>; n],
+            "value" => rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        )
+        .expect("frame")
+    }
+
+    #[test]
+    fn a_fewclue_shaped_table_has_splits_all_mean_and_std() {
+        let t = build(
+            &spec(
+                r#"name = "t"
+rows = "pretrain.objective"
+columns = "data.split"
+metric = "test.accuracy"
+scale = 100
+precision = 1
+summary = ["mean", "std"]
+summary_over = [0, 1]"#,
+            ),
+            &results(),
+        )
+        .expect("built");
+        assert_eq!(
+            t.header,
+            [
+                "objective",
+                "split 0",
+                "split 1",
+                "split all",
+                "mean",
+                "std"
+            ]
+        );
+        let row = |name: &str| &t.rows.iter().find(|r| r.0 == name).expect("row").1;
+        let texts = |name: &str| row(name).iter().map(|c| c.text.clone()).collect::<Vec<_>>();
+        // mlm split 0 is the mean of its two seeds; mean/std run over splits 0 and 1 only.
+        // numpy: np.mean([38.0, 38.0]) = 38.0, np.std([38.0, 38.0], ddof=1) = 0.0;
+        //        np.mean([30, 40]) = 35.0, np.std([30, 40], ddof=1) = 7.07
+        assert_eq!(texts("mlm"), ["38.0", "38.0", "45.0", "38.0", "0.0"]);
+        assert_eq!(texts("none"), ["30.0", "40.0", "50.0", "35.0", "7.1"]);
+        let bold = |name: &str| row(name).iter().map(|c| c.bold).collect::<Vec<_>>();
+        assert_eq!(bold("mlm"), [true, false, false, true, false]);
+        assert_eq!(bold("none"), [false, true, true, false, false]);
+    }
+
+    #[test]
+    fn mean_std_cells_and_both_file_formats() {
+        let t = build(
+            &spec(
+                r#"name = "seeds_and_more"
+title = "Accuracy & more"
+rows = "data.split"
+metric = "test.accuracy"
+aggregate = "mean_std"
+precision = 2
+best = "min""#,
+            ),
+            &results(),
+        )
+        .expect("built");
+        // Split 0 holds three trials: 0.30, 0.36, 0.40 → mean 0.353, std 0.0503 (numpy ddof=1).
+        let split0 = &t.rows[0].1[0];
+        assert_eq!(split0.text, "0.35 ± 0.05");
+        assert!(split0.bold, "the lowest mean is best here");
+        let md = markdown(&t);
+        assert!(md.contains("| split | accuracy |"), "{md}");
+        assert!(md.contains("| 0 | **0.35 ± 0.05** |"), "{md}");
+        let tex = latex(&t);
+        assert!(tex.contains("\\caption{Accuracy \\& more}"), "{tex}");
+        assert!(tex.contains("0 & \\textbf{0.35 $\\pm$ 0.05} \\\\"), "{tex}");
+        assert!(tex.contains("\\toprule") && tex.contains("\\bottomrule"));
+        assert!(tex.contains("\\label{tab:seeds_and_more}"));
+    }
+}
