@@ -674,6 +674,26 @@ fn a_finished_sweep_reruns_nothing_and_a_new_value_runs_only_its_trials() {
             .collect()
     };
     assert!(trials(&run).contains(&"lr=0.0005_objective=mlm_split=1".to_string()));
+    let html = std::fs::read_to_string(run.join("index.html")).unwrap();
+    assert!(
+        html.contains("test accuracy against finetune.optim.lr (mean ± std)"),
+        "a numeric swept key gets its error-bar chart"
+    );
+    // The study report and its tables come back from stored results alone.
+    for f in ["index.html", "tables/fewclue.md", "tables/fewclue.tex"] {
+        std::fs::remove_file(run.join(f)).unwrap();
+    }
+    let o = xrun(&root(), &["report", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(run.join("index.html")).unwrap(),
+        html
+    );
+    let md = std::fs::read_to_string(run.join("tables/fewclue.md")).unwrap();
+    assert!(
+        md.starts_with("**EPRSTMT test accuracy by objective**"),
+        "{md}"
+    );
 
     // A value added to an existing axis leaves the other trials' ids alone.
     let before = trials(&run);
@@ -913,4 +933,49 @@ fn gc_removes_what_no_run_references() {
     smoke(out, &["--set", "pretrain.steps=20"]);
     let j = journal(&out.join("smoke"));
     assert_eq!(events(&j, last_pid(&j), "finetune", "cached"), 1);
+}
+
+#[test]
+fn two_experiments_sharing_a_cache_compute_each_stage_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_set = format!("experiment.output_dir={}", tmp.path().display());
+    let cache_set = format!(
+        "experiment.cache_dir={}",
+        tmp.path().join("shared").display()
+    );
+    let spawn = |name: &str| {
+        Command::new(XRUN)
+            .current_dir(root())
+            .args([
+                "experiments/smoke.toml",
+                "-q",
+                "--set",
+                &out_set,
+                "--set",
+                &cache_set,
+                "--set",
+                &format!("experiment.name={name}"),
+                "--set",
+                "pretrain.steps=300",
+            ])
+            .env_remove("XRUN_DATA_ROOT")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn("a"), spawn("b"));
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    let (ja, jb) = (
+        journal(&tmp.path().join("a")),
+        journal(&tmp.path().join("b")),
+    );
+    for stage in ["tokenizer", "pretrain", "finetune"] {
+        let done = events(&ja, None, stage, "done") + events(&jb, None, stage, "done");
+        assert_eq!(done, 1, "{stage} was computed {done} times");
+    }
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("a/results.csv")).unwrap(),
+        std::fs::read_to_string(tmp.path().join("b/results.csv")).unwrap()
+    );
 }

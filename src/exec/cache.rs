@@ -66,7 +66,12 @@ impl Cache {
 
     /// Locks the entry for building, waiting while another process builds it. Call `done` again
     /// afterwards: the other process may have finished it meanwhile.
-    pub fn begin(&self, stage: &str, key: &Key) -> Result<Building, String> {
+    pub fn begin(
+        &self,
+        stage: &str,
+        key: &Key,
+        on_wait: impl FnOnce(),
+    ) -> Result<Building, String> {
         let dir = self.root.join(stage);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -77,8 +82,11 @@ impl Cache {
             .write(true)
             .open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        file.lock()
-            .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+        if file.try_lock().is_err() {
+            on_wait();
+            file.lock()
+                .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+        }
         Ok(Building {
             _lock: file,
             partial: dir.join(format!("{}.partial", key.hash)),

@@ -222,7 +222,7 @@ fn begin_or_reuse<B: AutodiffBackend>(
 ) -> Result<Option<Building>, Stop> {
     let building = cx
         .cache
-        .begin("finetune", &keys.finetune)
+        .begin("finetune", &keys.finetune, waiting(cx.opts, "finetune"))
         .map_err(failed("finetune"))?;
     match cx.cache.done("finetune", &keys.finetune) {
         Some(m) => {
@@ -315,7 +315,10 @@ fn tokenizer_stage<B: Backend>(
             .key(&key.hash);
         return load(&cx.cache.entry("tokenizer", key)).map_err(|e| err(e.to_string()));
     }
-    let building = cx.cache.begin("tokenizer", key).map_err(&err)?;
+    let building = cx
+        .cache
+        .begin("tokenizer", key, waiting(cx.opts, "tokenizer"))
+        .map_err(&err)?;
     if cx.cache.done("tokenizer", key).is_some() {
         return load(&cx.cache.entry("tokenizer", key)).map_err(|e| err(e.to_string()));
     }
@@ -341,6 +344,16 @@ fn tokenizer_stage<B: Backend>(
         &format!("tokenizer: {} tokens in the vocabulary", tok.vocab_size),
     );
     Ok(tok)
+}
+
+/// Says why nothing happens while another xrun builds the same cache entry.
+fn waiting<'a>(opts: &'a Options, stage: &'a str) -> impl FnOnce() + 'a {
+    move || {
+        log(
+            opts,
+            &format!("{stage}: another xrun is computing this stage; waiting to reuse its result"),
+        )
+    }
 }
 
 fn log(opts: &Options, line: &str) {
@@ -414,7 +427,10 @@ fn pretrain_stage<B: AutodiffBackend>(
     if let Some(m) = cx.cache.done("pretrain", key) {
         return reuse(cx, store, summary, m.status);
     }
-    let building = cx.cache.begin("pretrain", key).map_err(&err)?;
+    let building = cx
+        .cache
+        .begin("pretrain", key, waiting(cx.opts, "pretrain"))
+        .map_err(&err)?;
     if let Some(m) = cx.cache.done("pretrain", key) {
         drop(building);
         return reuse(cx, store, summary, m.status);
