@@ -618,6 +618,27 @@ fn a_finished_sweep_reruns_nothing_and_a_new_value_runs_only_its_trials() {
     let o = sweep(tmp.path(), "fewclue", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let first = std::fs::read_to_string(run.join("results.csv")).unwrap();
+    let groups = read_csv(&run.join("groups.csv"));
+    assert_eq!(
+        groups[0],
+        [
+            "pretrain.objective",
+            "split",
+            "metric",
+            "n",
+            "mean",
+            "std",
+            "median",
+            "min",
+            "max",
+            "ci95"
+        ]
+    );
+    let mlm_test = groups
+        .iter()
+        .find(|r| r[0] == "mlm" && r[1] == "test" && r[2] == "accuracy")
+        .expect("an mlm test accuracy group");
+    assert_eq!(mlm_test[3], "3", "three splits per objective");
     let j = journal(&run);
     let pid = last_pid(&j);
     assert_eq!(

@@ -29,7 +29,8 @@ pub struct ExperimentSection {
     /// Stage cache shared by every experiment that points at it; default `<output_dir>/.cache`.
     /// Relative to the working directory.
     pub cache_dir: Option<String>,
-    /// Save a resumable checkpoint every this many optimiser steps (and at every epoch end).
+    /// Save a resumable checkpoint every this many optimiser steps (and at every epoch end);
+    /// 0 saves none.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: usize,
 }

@@ -59,11 +59,6 @@ pub(super) fn check(
     c.at_least("finetune.epochs", raw.finetune.epochs, 1);
     c.at_least("finetune.batch_size", raw.finetune.batch_size, 1);
     c.at_least("eval.batch_size", raw.eval.batch_size, 1);
-    c.at_least(
-        "experiment.checkpoint_every",
-        raw.experiment.checkpoint_every,
-        1,
-    );
     data(&mut c, &raw, &data_root);
     report(&mut c, &raw);
     Some(Experiment {

@@ -557,13 +557,15 @@ fn run_fit<B: AutodiffBackend, T: crate::train::Task<B>>(
         }
     }
     let every = trial.exp.raw.experiment.checkpoint_every;
-    let mut bar = Progress::new(&format!("{} {stage}", cx.label), cx.opts.quiet);
+    let name = format!("{} {stage}", cx.label);
+    let mut bar = Progress::new(name.trim_start(), cx.opts.quiet);
     let journal = &mut *cx.journal;
     let mut on_save = |step: usize| {
         journal.log(&trial.id, stage, "checkpoint").step(step);
     };
-    let ck = checkpoints(building, every, &mut on_save);
-    fit(task, model, optim, budget, stage, store, &mut bar, Some(ck))
+    // 0 turns checkpoints off (a killed stage then starts over).
+    let ck = (every > 0).then(|| checkpoints(building, every, &mut on_save));
+    fit(task, model, optim, budget, stage, store, &mut bar, ck)
 }
 
 #[allow(clippy::too_many_arguments)]

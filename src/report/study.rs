@@ -1,5 +1,5 @@
 //! The study: every trial of a sweep together. Writes `results.csv` and `metrics.parquet` with one
-//! column per swept key, `study.json` (enough to render again without training), the paper tables as
+//! column per swept key, `groups.csv` (n, mean, std, median, min, max, 95% CI per group and metric), `study.json` (enough to render again without training), the paper tables as
 //! `tables/<name>.md` and `.tex`, and `index.html`: groups with mean ± std and 95% CI, the
 //! configuration selected on dev with its test score, the tables, overlaid curves and the trial list.
 
@@ -369,6 +369,13 @@ pub fn write(
     .map_err(|x| x.to_string())?;
     crate::metrics::write_atomic(&run_dir.join("metrics.parquet"), |f| {
         ParquetWriter::new(f).finish(&mut records).map(|_| ())
+    })
+    .map_err(|x| x.to_string())?;
+    let mut groups_df = summarize(&results, &meta.group_keys).map_err(e)?;
+    crate::metrics::write_atomic(&run_dir.join("groups.csv"), |f| {
+        CsvWriter::new(f)
+            .include_header(true)
+            .finish(&mut groups_df)
     })
     .map_err(|x| x.to_string())?;
     let json = serde_json::to_string_pretty(meta).map_err(|x| x.to_string())?;
