@@ -1,6 +1,7 @@
 //! Charts for the report, drawn with plotters' SVG backend (text stays SVG `<text>`, escaped by
 //! plotters; no font files, no scripts).
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 type Series = (String, Vec<(f64, f64)>);
@@ -23,16 +24,26 @@ fn bounds(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-/// Lines of `(x, y)` points, one per series, with a legend.
-pub fn lines(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Result<String, String> {
+type XyChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A numeric x/y chart: axes fitted to `xs` and `ys`, then `draw` adds the series; a legend is drawn
+/// when there is more than one.
+fn xy_chart(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    xs: Vec<f64>,
+    ys: Vec<f64>,
+    legend: bool,
+    draw: impl FnOnce(&mut XyChart) -> Result<(), String>,
+) -> Result<String, String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let xs = series.iter().flat_map(|s| s.1.iter().map(|p| p.0));
-        let ys = series.iter().flat_map(|s| s.1.iter().map(|p| p.1));
-        let (x0, x1) = bounds(xs.collect::<Vec<_>>().into_iter());
-        let (y0, y1) = bounds(ys.collect::<Vec<_>>().into_iter());
+        let (x0, x1) = bounds(xs.into_iter());
+        let (y0, y1) = bounds(ys.into_iter());
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 16))
             .margin(12)
@@ -47,25 +58,8 @@ pub fn lines(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Resu
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(err)?;
-        for (i, (name, points)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().copied(),
-                    color.stroke_width(2),
-                ))
-                .map_err(err)?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            if points.len() <= 40 {
-                chart
-                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                    .map_err(err)?;
-            }
-        }
-        if series.len() > 1 {
+        draw(&mut chart)?;
+        if legend {
             chart
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.85))
@@ -76,6 +70,74 @@ pub fn lines(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Resu
         root.present().map_err(err)?;
     }
     Ok(svg)
+}
+
+/// Adds one named line in the `i`th palette colour.
+fn line<'a, 'b>(
+    chart: &mut XyChart<'a, 'b>,
+    i: usize,
+    name: &str,
+    points: impl Iterator<Item = (f64, f64)>,
+) -> Result<RGBAColor, String> {
+    let color = Palette99::pick(i).to_rgba();
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))
+        .map_err(err)?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    Ok(color)
+}
+
+/// Lines of `(x, y)` points, one per series, with a legend.
+pub fn lines(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Result<String, String> {
+    let xs = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .collect();
+    let ys = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .collect();
+    xy_chart(title, x_desc, y_desc, xs, ys, series.len() > 1, |chart| {
+        for (i, (name, points)) in series.iter().enumerate() {
+            let color = line(chart, i, name, points.iter().copied())?;
+            if points.len() <= 40 {
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(err)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A metric against a numeric key: one line per series through the means, with ±std error bars.
+/// Each point is `(x, mean, std)`.
+pub fn error_bars(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[BarSeries],
+) -> Result<String, String> {
+    let xs = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .collect();
+    let ys = series
+        .iter()
+        .flat_map(|s| s.1.iter().flat_map(|p| [p.1 - p.2, p.1 + p.2]))
+        .collect();
+    xy_chart(title, x_desc, y_desc, xs, ys, series.len() > 1, |chart| {
+        for (i, (name, points)) in series.iter().enumerate() {
+            let color = line(chart, i, name, points.iter().map(|p| (p.0, p.1)))?;
+            chart
+                .draw_series(points.iter().map(|&(x, m, s)| {
+                    ErrorBar::new_vertical(x, m - s, m, m + s, color.filled(), 8)
+                }))
+                .map_err(err)?;
+        }
+        Ok(())
+    })
 }
 
 /// One rectangle per value on a segmented axis, in order. (plotters' `Histogram` groups its data in a
@@ -173,73 +235,6 @@ pub fn length_histogram(title: &str, counts: &[usize]) -> Result<String, String>
                 GREEN.mix(0.6).filled(),
             ))
             .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    Ok(svg)
-}
-
-/// A metric against a numeric key: one line per series through the means, with ±std error bars.
-/// Each point is `(x, mean, std)`.
-pub fn error_bars(
-    title: &str,
-    x_desc: &str,
-    y_desc: &str,
-    series: &[BarSeries],
-) -> Result<String, String> {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        let xs: Vec<f64> = series
-            .iter()
-            .flat_map(|s| s.1.iter().map(|p| p.0))
-            .collect();
-        let ys: Vec<f64> = series
-            .iter()
-            .flat_map(|s| s.1.iter().flat_map(|p| [p.1 - p.2, p.1 + p.2]))
-            .collect();
-        let (x0, x1) = bounds(xs.into_iter());
-        let (y0, y1) = bounds(ys.into_iter());
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(err)?;
-        for (i, (name, points)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().map(|p| (p.0, p.1)),
-                    color.stroke_width(2),
-                ))
-                .map_err(err)?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(points.iter().map(|&(x, m, s)| {
-                    ErrorBar::new_vertical(x, m - s, m, m + s, color.filled(), 8)
-                }))
-                .map_err(err)?;
-        }
-        if series.len() > 1 {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(err)?;
-        }
         root.present().map_err(err)?;
     }
     Ok(svg)

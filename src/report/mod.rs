@@ -20,6 +20,8 @@ use crate::model::BackboneConfig;
 use crate::train::backend::DeviceInfo;
 
 const TEMPLATE: &str = include_str!("../../templates/report.html");
+/// The page both reports extend: head, Content-Security-Policy, styles.
+const BASE: &str = include_str!("../../templates/base.html");
 
 /// Everything the report says about a run besides the metric records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -273,11 +275,23 @@ pub fn write(run_dir: &Path, summary: &RunSummary, store: &Store) -> Result<Path
     Ok(path)
 }
 
-pub fn render(summary: &RunSummary, store: &Store) -> Result<String, String> {
+/// A template environment holding the base page and `template` as `name`, auto-escaping HTML, with
+/// the filter `f(digits)` for fixed-precision numbers.
+pub(crate) fn environment(
+    name: &'static str,
+    template: &'static str,
+) -> Result<Environment<'static>, String> {
     let mut env = Environment::new();
-    env.add_template("report.html", TEMPLATE)
+    env.add_template("base.html", BASE)
+        .map_err(|e| e.to_string())?;
+    env.add_template(name, template)
         .map_err(|e| e.to_string())?;
     env.add_filter("f", |v: f64, digits: usize| format!("{v:.digits$}"));
+    Ok(env)
+}
+
+pub fn render(summary: &RunSummary, store: &Store) -> Result<String, String> {
+    let env = environment("report.html", TEMPLATE)?;
     let c = charts(summary, store);
     let pretrain_final = store
         .records

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use minijinja::{context, Environment, Value};
+use minijinja::{context, Value};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -481,10 +481,7 @@ fn render(
         .into_iter()
         .map(Value::from_safe_string)
         .collect();
-    let mut env = Environment::new();
-    env.add_template("study.html", TEMPLATE)
-        .map_err(|x| x.to_string())?;
-    env.add_filter("f", |v: f64, digits: usize| format!("{v:.digits$}"));
+    let env = super::environment("study.html", TEMPLATE)?;
     let selected = groups.iter().find(|g| g.selected);
     let n_done = meta
         .trials
