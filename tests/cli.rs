@@ -1000,3 +1000,51 @@ fn two_experiments_sharing_a_cache_compute_each_stage_once() {
         std::fs::read_to_string(tmp.path().join("b/results.csv")).unwrap()
     );
 }
+
+#[test]
+fn a_diverged_pretraining_marks_every_trial_that_needs_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("fewclue_tiny");
+    let extra = [
+        "--set",
+        "sweep.split=[0, 1]",
+        "--set",
+        "pretrain.optim.lr=1e30",
+    ];
+    let o = sweep(tmp.path(), "fewclue", &extra);
+    assert!(
+        o.status.success(),
+        "the none trials finished: {}",
+        stderr(&o)
+    );
+    let j = journal(&run);
+    let diverged: Vec<&serde_json::Value> = j.iter().filter(|e| e["event"] == "diverged").collect();
+    assert_eq!(diverged.len(), 1, "one shared pretraining, diverged once");
+    assert_eq!(diverged[0]["stage"], "pretrain");
+    let study: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("study.json")).unwrap()).unwrap();
+    let statuses: Vec<(&str, &str)> = study["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap(), t["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("objective=none_split=0", "done"),
+            ("objective=none_split=1", "done"),
+            ("objective=mlm_split=0", "diverged"),
+            ("objective=mlm_split=1", "diverged"),
+        ]
+    );
+    let o = sweep(tmp.path(), "fewclue", &extra);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = journal(&run);
+    assert_eq!(
+        events(&j, last_pid(&j), "pretrain", "start"),
+        0,
+        "not trained again"
+    );
+    assert_eq!(events(&j, last_pid(&j), "pretrain", "cached"), 2);
+}

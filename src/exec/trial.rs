@@ -274,18 +274,13 @@ fn reuse_finetune<B: Backend>(
     }
     match status {
         Status::Done => Ok(()),
-        Status::Diverged { step, reason } => {
-            let stage = summary
-                .failure
-                .as_deref()
-                .filter(|f| f.contains("`pretrain`"))
-                .map_or("finetune", |_| "pretrain");
-            Err(Stop::Diverged {
-                stage,
-                step,
-                reason,
-            })
-        }
+        // Only a finetune divergence is cached in a finetune entry: a diverged pretraining stops
+        // its trials before they have one.
+        Status::Diverged { step, reason } => Err(Stop::Diverged {
+            stage: "finetune",
+            step,
+            reason,
+        }),
     }
 }
 
