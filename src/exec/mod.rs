@@ -493,15 +493,25 @@ pub fn plan_text(exp: &Experiment, trials: &[Trial], verbose: bool) -> Result<St
         if trials.len() == 1 { "" } else { "s" },
         cache.root.display()
     );
+    // Column widths from the widest cell, so `resume@12345 <key>` still lines up.
+    let col = |i: usize, head: &str| {
+        rows.iter()
+            .map(|r| r.1[i].chars().count())
+            .chain([head.len()])
+            .max()
+            .unwrap_or(0)
+            + 2
+    };
+    let (w0, w1) = (col(0, "tokenizer"), col(1, "pretrain"));
     let _ = writeln!(
         out,
-        "{:width$}  {:18}{:18}finetune",
+        "{:width$}  {:w0$}{:w1$}finetune",
         "trial", "tokenizer", "pretrain"
     );
     for (id, cells) in &rows {
         let _ = writeln!(
             out,
-            "{id:width$}  {:18}{:18}{}",
+            "{id:width$}  {:w0$}{:w1$}{}",
             cells[0], cells[1], cells[2]
         );
     }
