@@ -64,6 +64,15 @@ impl Cache {
         name.trim().strip_prefix("step-")?.parse().ok()
     }
 
+    /// Whether another process holds the entry's lock (it is building it now).
+    pub fn busy(&self, stage: &str, key: &Key) -> bool {
+        let path = self.root.join(stage).join(format!("{}.lock", key.hash));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .is_ok_and(|f| f.try_lock().is_err())
+    }
+
     /// Locks the entry for building, waiting while another process builds it. Call `done` again
     /// afterwards: the other process may have finished it meanwhile.
     pub fn begin(

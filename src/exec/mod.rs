@@ -446,8 +446,14 @@ fn stage_state(
         format!("shared {short}")
     } else {
         seen.push(tag);
+        let word = if cache.busy(stage, key) {
+            "running"
+        } else {
+            "resume"
+        };
         match cache.partial_step(stage, key) {
-            Some(step) => format!("resume@{step} {short}"),
+            Some(step) => format!("{word}@{step} {short}"),
+            None if word == "running" => format!("running {short}"),
             None => format!("run {short}"),
         }
     }
@@ -516,7 +522,7 @@ pub fn plan_text(exp: &Experiment, trials: &[Trial], verbose: bool) -> Result<St
         );
     }
     for stage in ["tokenizer", "pretrain", "finetune"] {
-        let part: Vec<String> = ["run", "resume", "cached", "shared", "skip"]
+        let part: Vec<String> = ["run", "resume", "running", "cached", "shared", "skip"]
             .iter()
             .filter_map(|w| {
                 counts
