@@ -1048,3 +1048,31 @@ fn a_diverged_pretraining_marks_every_trial_that_needs_it() {
     );
     assert_eq!(events(&j, last_pid(&j), "pretrain", "cached"), 2);
 }
+
+/// A pretraining reused from the cache must fine-tune exactly like the one trained in the same
+/// process (it once came back with its parameters frozen).
+#[test]
+fn a_pretraining_reused_from_the_cache_fine_tunes_like_a_fresh_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let alone = tmp.path().join("alone");
+    let o = sweep(&alone, "resume", &["--set", "sweep.split=[\"few_all\"]"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Split 1 runs first and pretrains; few_all then loads that pretraining from the cache.
+    let shared = tmp.path().join("shared");
+    let o = sweep(&shared, "resume", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = journal(&shared.join("resume_tiny"));
+    assert!(j.iter().any(|e| e["trial"] == "split=few_all"
+        && e["stage"] == "pretrain"
+        && e["event"] == "cached"));
+    let curve = |out: &Path| loss_curve(&out.join("resume_tiny"), "split=few_all", "finetune");
+    assert_eq!(curve(&alone), curve(&shared));
+    let rows = |out: &Path| read_csv(&out.join("resume_tiny/results.csv"));
+    let (a, s) = (rows(&alone), rows(&shared));
+    for metric in ["accuracy", "macro_f1"] {
+        assert_eq!(
+            result_of(&a, "split=few_all", "test", metric),
+            result_of(&s, "split=few_all", "test", metric)
+        );
+    }
+}

@@ -412,12 +412,14 @@ fn pretrain_stage<B: AutodiffBackend>(
                     reason,
                 });
             }
+            // Loaded into the trainable module, then made inner: a record loaded straight into an
+            // inner module marks its parameters as not requiring gradients, and fine-tuning would
+            // then train the head alone.
             let loaded = model
                 .clone()
-                .valid()
                 .load_file(dir.join("model"), &recorder(), &device)
                 .map_err(|e| err(format!("cached model in {}: {e}", dir.display())))?;
-            Ok(loaded.backbone)
+            Ok(loaded.valid().backbone)
         };
     if let Some(m) = cx.cache.done("pretrain", key) {
         return reuse(cx, store, summary, m.status);

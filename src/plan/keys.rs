@@ -69,6 +69,19 @@ impl Key {
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Revisions of what each stage computes, part of its key: a fix that changes a stage's results
+/// bumps its revision, so exactly the entries it affects are computed again.
+/// Revision 1 is left out of the key, so keys from before revisions existed stay valid.
+///
+/// - finetune 2: a pretrained backbone reused from the cache was frozen during fine-tuning.
+const TOKENIZER_REV: u32 = 1;
+const PRETRAIN_REV: u32 = 1;
+const FINETUNE_REV: u32 = 2;
+
+fn is_first(rev: &u32) -> bool {
+    *rev == 1
+}
+
 #[derive(Serialize)]
 struct Source<'a> {
     format: Format,
@@ -83,6 +96,8 @@ struct Source<'a> {
 struct TokenizerInputs<'a> {
     stage: &'static str,
     xrun: &'static str,
+    #[serde(skip_serializing_if = "is_first")]
+    rev: u32,
     tokenizer: &'a TokenizerSection,
     tokenizer_file: Option<String>,
     on_error: OnError,
@@ -93,6 +108,8 @@ struct TokenizerInputs<'a> {
 struct PretrainInputs<'a> {
     stage: &'static str,
     xrun: &'static str,
+    #[serde(skip_serializing_if = "is_first")]
+    rev: u32,
     backend: BackendChoice,
     seed: u64,
     tokenizer: &'a str,
@@ -108,6 +125,8 @@ struct PretrainInputs<'a> {
 struct FinetuneInputs<'a> {
     stage: &'static str,
     xrun: &'static str,
+    #[serde(skip_serializing_if = "is_first")]
+    rev: u32,
     backend: BackendChoice,
     seed: u64,
     tokenizer: &'a str,
@@ -156,6 +175,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
     let tokenizer = Key::of(&TokenizerInputs {
         stage: "tokenizer",
         xrun: VERSION,
+        rev: TOKENIZER_REV,
         tokenizer: &tokenizer_section,
         tokenizer_file,
         on_error: d.on_error,
@@ -171,6 +191,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
             Some(Key::of(&PretrainInputs {
                 stage: "pretrain",
                 xrun: VERSION,
+                rev: PRETRAIN_REV,
                 backend,
                 seed,
                 tokenizer: &tokenizer.hash,
@@ -189,6 +210,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
     let finetune = Key::of(&FinetuneInputs {
         stage: "finetune",
         xrun: VERSION,
+        rev: FINETUNE_REV,
         backend,
         seed,
         tokenizer: &tokenizer.hash,
