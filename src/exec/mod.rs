@@ -19,7 +19,7 @@ use crate::metrics::Store;
 use crate::plan::keys::{stage_keys, FileHashes, StageKeys};
 use crate::plan::{Trial, REPLICATE_KEYS};
 use crate::report::study::{StudyMeta, TrialMeta};
-use crate::report::RunSummary;
+use crate::report::{write_file, RunSummary};
 use crate::train::backend::{self, BackendError, DeviceInfo};
 pub use cache::{Cache, Manifest};
 pub use journal::{read as read_journal, Event};
@@ -166,8 +166,11 @@ fn run_on<B: AutodiffBackend>(
         .map_err(|e| io(format!("cannot create {}: {e}", run_dir.display())))?;
     // Held until this function returns: a second xrun on the same run directory refuses.
     let _lock = lock_run_dir(&run_dir)?;
-    std::fs::write(run_dir.join("config.resolved.toml"), exp.resolved_toml())
-        .map_err(|e| io(format!("cannot write config.resolved.toml: {e}")))?;
+    write_file(
+        &run_dir.join("config.resolved.toml"),
+        exp.resolved_toml().as_bytes(),
+    )
+    .map_err(&io)?;
     let keys = keys(trials)?;
     write_plan(&run_dir, trials, &keys)?;
     let cache = Cache::new(exp.cache_dir());
@@ -317,8 +320,7 @@ fn write_plan(run_dir: &Path, trials: &[Trial], keys: &[StageKeys]) -> Result<()
         })
         .collect();
     let json = serde_json::to_string_pretty(&list).unwrap_or_default();
-    std::fs::write(run_dir.join("plan.json"), json)
-        .map_err(|e| stage_err("setup")(format!("cannot write plan.json: {e}")))
+    write_file(&run_dir.join("plan.json"), json.as_bytes()).map_err(stage_err("setup"))
 }
 
 /// A trial's own folder: its resolved config, records, results and report, and links to the
@@ -369,8 +371,11 @@ fn write_trial(
             })?;
         }
     }
-    std::fs::write(dir.join("config.resolved.toml"), t.exp.resolved_toml())
-        .map_err(|e| err(format!("cannot write in {}: {e}", dir.display())))?;
+    write_file(
+        &dir.join("config.resolved.toml"),
+        t.exp.resolved_toml().as_bytes(),
+    )
+    .map_err(&err)?;
     r.store.write(&dir).map_err(|e| err(e.to_string()))?;
     crate::report::write(&dir, &r.summary, &r.store).map_err(err)?;
     Ok(())

@@ -269,10 +269,18 @@ pub fn rerender(run_dir: &Path) -> Result<PathBuf, String> {
 pub fn write(run_dir: &Path, summary: &RunSummary, store: &Store) -> Result<PathBuf, String> {
     let html = render(summary, store)?;
     let path = run_dir.join("index.html");
-    std::fs::write(&path, html).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    write_file(&path, html.as_bytes())?;
     let json = serde_json::to_string_pretty(summary).map_err(|e| e.to_string())?;
-    std::fs::write(run_dir.join("summary.json"), json).map_err(|e| e.to_string())?;
+    write_file(&run_dir.join("summary.json"), json.as_bytes())?;
     Ok(path)
+}
+
+/// Writes through a temporary file and a rename: a kill never leaves half a file.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|x| format!("cannot write {}: {x}", path.display()))
 }
 
 /// A template environment holding the base page and `template` as `name`, auto-escaping HTML, with

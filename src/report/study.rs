@@ -9,7 +9,7 @@ use minijinja::{context, Value};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{charts, tables, RunSummary};
+use super::{charts, tables, write_file, RunSummary};
 use crate::config::sweep::TableSpec;
 use crate::exec::TrialStatus;
 use crate::metrics::aggregate::{floats, strings, summarize};
@@ -405,13 +405,6 @@ pub fn write(
     };
     write_file(&path, html.as_bytes())?;
     Ok(path)
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|x| format!("cannot write {}: {x}", path.display()))
 }
 
 fn render(
