@@ -598,6 +598,11 @@ fn plan_lists_trials_and_stages_without_training() {
         String::from_utf8_lossy(&o.stdout).replace(&tmp.path().display().to_string(), "<out>")
     };
     insta::assert_snapshot!("plan_before", plan(&[]));
+    assert_eq!(
+        plan(&["--set", "experiment.backend=auto"]),
+        plan(&[]),
+        "`auto` is keyed as the backend it picks"
+    );
     assert!(
         !tmp.path().join("fewclue_tiny").exists(),
         "plan trains nothing"

@@ -39,6 +39,15 @@ pub fn dispatch<J: Job>(choice: BackendChoice, job: J) -> Result<J::Output, Back
     Ok(job.run::<CpuTrain>(Default::default(), info))
 }
 
+/// The backend `choice` trains on in this build: `auto` is the CPU until a GPU backend is built in.
+/// Cache keys use it, so `auto` and the backend it picks share their cached stages.
+pub fn concrete(choice: BackendChoice) -> BackendChoice {
+    match choice {
+        BackendChoice::Auto => BackendChoice::Cpu,
+        other => other,
+    }
+}
+
 fn resolve(choice: BackendChoice) -> Result<DeviceInfo, BackendError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     match choice {
