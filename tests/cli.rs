@@ -1081,3 +1081,48 @@ fn a_pretraining_reused_from_the_cache_fine_tunes_like_a_fresh_one() {
         );
     }
 }
+
+#[test]
+fn label_efficiency_is_a_sweep_axis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("fewclue_tiny");
+    let o = sweep(
+        tmp.path(),
+        "fewclue",
+        &[
+            "--set",
+            "sweep.split=[\"few_all\"]",
+            "--set",
+            "sweep.grid.pretrain.objective=[\"none\"]",
+            "--set",
+            "sweep.grid.data.train_examples=[8, 32]",
+            "--set",
+            "sweep.seeds=[1, 2]",
+            "--set",
+            "data.balanced=true",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (id, n) in [
+        ("train_examples=8_objective=none_split=few_all_seed=1", 8),
+        ("train_examples=32_objective=none_split=few_all_seed=2", 32),
+    ] {
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("trials").join(id).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        let train = &summary["data"][1];
+        assert_eq!(train["name"], "train");
+        assert_eq!(train["examples"], n, "{id}");
+        // EPRSTMT has two labels: a balanced draw takes half from each.
+        let counts: Vec<u64> = train["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l[1].as_u64().unwrap())
+            .collect();
+        assert_eq!(counts, [n / 2, n / 2], "{id}");
+    }
+    let html = std::fs::read_to_string(run.join("index.html")).unwrap();
+    assert!(html.contains("test accuracy against data.train_examples (mean ± std)"));
+}

@@ -35,6 +35,14 @@ pub struct DataSection {
     pub on_error: OnError,
     /// Fills `{split}` in every path (a number or a name); usually set by `[sweep] split = [...]`.
     pub split: Option<toml::Value>,
+    /// Label efficiency: fine-tune on this many examples drawn from the training split, a different
+    /// draw for each `experiment.seed` …
+    pub train_examples: Option<usize>,
+    /// … or on this share of it (rounded up).
+    pub train_fraction: Option<f64>,
+    /// Draw as evenly from every label as the split allows.
+    #[serde(default)]
+    pub balanced: bool,
     /// Unlabeled text for pretraining and for training the tokenizer.
     pub corpus: Option<SourceSpec>,
     pub train: SourceSpec,

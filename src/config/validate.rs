@@ -204,6 +204,20 @@ fn optim(c: &mut Checker, section: &str, o: &OptimSection) {
 
 fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
     let d = &raw.data;
+    if let Some(n) = d.train_examples {
+        c.at_least("data.train_examples", n, 1);
+    }
+    if let Some(f) = d.train_fraction {
+        c.require(f > 0.0 && f <= 1.0, "data.train_fraction", || {
+            format!("`data.train_fraction` must be in (0, 1], got {f}")
+        });
+    }
+    if d.train_examples.is_some() && d.train_fraction.is_some() {
+        c.fail(
+            "data.train_fraction",
+            "give `data.train_examples` or `data.train_fraction`, not both".into(),
+        );
+    }
     if let Some(split) = &d.split {
         c.require(
             matches!(split, toml::Value::Integer(_) | toml::Value::String(_)),

@@ -10,6 +10,9 @@ pub use read::{DataError, Example, Skipped, Split};
 
 use crate::config::Experiment;
 
+/// Seeds the label-efficiency draw (a stream of its own, beside shuffling and masking).
+const SAMPLING: u64 = 5;
+
 /// Every split of an experiment, read and checked.
 pub struct Datasets {
     pub corpus: Option<Split>,
@@ -56,6 +59,72 @@ impl Datasets {
         })
     }
 
+    /// Keeps `n` training examples drawn with `seed` (file order kept). `balanced` takes them in turn
+    /// from each label's shuffled examples, so every label gets the same number as far as it has them.
+    /// The label set stays that of the whole split.
+    pub fn sample_train(&mut self, n: usize, balanced: bool, seed: u64) -> Result<(), DataError> {
+        use rand::seq::SliceRandom;
+        let total = self.train.examples.len();
+        if n > total {
+            let first = &self.train.examples[0];
+            return Err(DataError::Line {
+                file: first.file.as_ref().clone(),
+                line: 0,
+                message: format!(
+                    "`data.train_examples` = {n}, but the training split has {total} examples"
+                ),
+            });
+        }
+        let mut keep: Vec<usize> = if balanced {
+            let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); self.labels.len()];
+            for (i, e) in self.train.examples.iter().enumerate() {
+                if let Some(c) = e.label.as_deref().and_then(|l| self.class_of(l)) {
+                    by_class[c].push(i);
+                }
+            }
+            for (c, rows) in by_class.iter_mut().enumerate() {
+                rows.shuffle(&mut batch::rng(seed, SAMPLING, c as u64));
+            }
+            let mut out = Vec::with_capacity(n);
+            for round in 0.. {
+                if out.len() == n {
+                    break;
+                }
+                for rows in &by_class {
+                    if let Some(&i) = rows.get(round).filter(|_| out.len() < n) {
+                        out.push(i);
+                    }
+                }
+            }
+            out
+        } else {
+            let mut all: Vec<usize> = (0..total).collect();
+            all.shuffle(&mut batch::rng(seed, SAMPLING, u64::MAX));
+            all.truncate(n);
+            all
+        };
+        keep.sort_unstable();
+        let mut examples = std::mem::take(&mut self.train.examples);
+        let mut kept = Vec::with_capacity(n);
+        for (i, e) in examples.drain(..).enumerate() {
+            if keep.binary_search(&i).is_ok() {
+                kept.push(e);
+            }
+        }
+        self.train.examples = kept;
+        Ok(())
+    }
+
+    /// How many training examples `data.train_examples` / `train_fraction` ask for, if either.
+    pub fn requested_train(&self, exp: &Experiment) -> Option<usize> {
+        let d = &exp.raw.data;
+        let total = self.train.examples.len();
+        d.train_examples.or_else(|| {
+            d.train_fraction
+                .map(|f| ((f * total as f64).ceil() as usize).max(1))
+        })
+    }
+
     pub fn class_of(&self, label: &str) -> Option<usize> {
         self.labels.binary_search_by(|l| l.as_str().cmp(label)).ok()
     }
@@ -99,4 +168,61 @@ fn check_labels(split: &Split, labels: &[String]) -> Result<(), DataError> {
             .collect(),
         hint: format!("(the training split's labels: {})", shown.join(", ")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    /// 12 examples: labels a ×8, b ×3, c ×1, in that order in the file.
+    fn datasets() -> Datasets {
+        let file = Arc::new(PathBuf::from("train.jsonl"));
+        let labels = ["a", "a", "b", "a", "a", "c", "a", "b", "a", "a", "b", "a"];
+        let examples = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Example {
+                text: format!("t{i}"),
+                text_pair: None,
+                label: Some(l.to_string()),
+                file: file.clone(),
+                line: i + 1,
+            })
+            .collect();
+        Datasets {
+            corpus: None,
+            train: Split {
+                examples,
+                skipped: Vec::new(),
+            },
+            dev: None,
+            test: None,
+            labels: vec!["a".into(), "b".into(), "c".into()],
+        }
+    }
+
+    fn drawn(n: usize, balanced: bool, seed: u64) -> Vec<usize> {
+        let mut d = datasets();
+        d.sample_train(n, balanced, seed).expect("enough examples");
+        d.train.examples.iter().map(|e| e.line).collect()
+    }
+
+    #[test]
+    fn draws_are_seeded_balanced_and_in_file_order() {
+        let a = drawn(6, true, 1);
+        assert_eq!(a, drawn(6, true, 1), "same seed, same draw");
+        assert_ne!(a, drawn(6, true, 2), "another seed, another draw");
+        assert!(a.windows(2).all(|w| w[0] < w[1]), "file order kept: {a:?}");
+        let d = datasets();
+        let label = |line: usize| d.train.examples[line - 1].label.clone().unwrap();
+        let count = |l: &str| a.iter().filter(|&&i| label(i) == l).count();
+        // Round robin: a, b, c, a, b, a — c has only one example.
+        assert_eq!((count("a"), count("b"), count("c")), (3, 2, 1));
+        assert_eq!(drawn(12, false, 3).len(), 12);
+        let mut too_many = datasets();
+        let err = too_many.sample_train(13, false, 1).expect_err("only 12");
+        assert!(err.to_string().contains("has 12 examples"), "{err}");
+    }
 }

@@ -163,11 +163,12 @@ fn stages<B: AutodiffBackend>(
     }
     let exp = &trial.exp;
     let started = Instant::now();
-    let data = Datasets::load(exp).map_err(|e| Stop::Failed {
+    let data_error = |e: crate::data::DataError| Stop::Failed {
         stage: "data",
         message: e.to_string(),
         code: 2,
-    })?;
+    };
+    let mut data = Datasets::load(exp).map_err(data_error)?;
     summary.labels = data.labels.clone();
     summary
         .stage_times
@@ -176,6 +177,11 @@ fn stages<B: AutodiffBackend>(
     let started = Instant::now();
     let tokenizer = tokenizer_stage(trial, keys, cx, &data, summary)?;
     summary.vocab_size = Some(tokenizer.vocab_size);
+    // Label efficiency: the tokenizer has seen the whole split; fine-tuning sees the draw.
+    if let Some(n) = data.requested_train(exp) {
+        data.sample_train(n, exp.raw.data.balanced, exp.raw.experiment.seed)
+            .map_err(data_error)?;
+    }
     let encoded = stats::encode_all(&data, &tokenizer, exp.raw.model.max_len)
         .map_err(|e| failed("tokenizer")(e.to_string()))?;
     summary.data = encoded.stats.clone();

@@ -138,8 +138,19 @@ struct FinetuneInputs<'a> {
     eval: &'a EvalSection,
     on_error: OnError,
     train: Source<'a>,
+    /// Present only when a label-efficiency draw is asked for, so other keys stay as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    train_sample: Option<Sample>,
     dev: Option<Source<'a>>,
     test: Option<Source<'a>>,
+}
+
+/// `data.train_examples` / `train_fraction` / `balanced`.
+#[derive(Serialize)]
+struct Sample {
+    examples: Option<usize>,
+    fraction: Option<f64>,
+    balanced: bool,
 }
 
 fn source<'a>(
@@ -222,6 +233,13 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         eval: &raw.eval,
         on_error: d.on_error,
         train: source(exp, &d.train, hashes)?,
+        train_sample: (d.train_examples.is_some() || d.train_fraction.is_some()).then_some(
+            Sample {
+                examples: d.train_examples,
+                fraction: d.train_fraction,
+                balanced: d.balanced,
+            },
+        ),
         dev: d.dev.as_ref().map(|s| source(exp, s, hashes)).transpose()?,
         test: d
             .test
