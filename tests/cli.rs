@@ -1126,3 +1126,46 @@ fn label_efficiency_is_a_sweep_axis() {
     let html = std::fs::read_to_string(run.join("index.html")).unwrap();
     assert!(html.contains("test accuracy against data.train_examples (mean ± std)"));
 }
+
+#[test]
+fn a_linear_probe_trains_only_the_head_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("fewclue_tiny");
+    let o = sweep(
+        tmp.path(),
+        "fewclue",
+        &[
+            "--set",
+            "sweep.split=[1]",
+            "--set",
+            "sweep.grid.pretrain.objective=[\"mlm\"]",
+            "--set",
+            "sweep.grid.finetune.method=[\"full\", \"linear_probe\"]",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let counts = |id: &str| -> (u64, u64) {
+        let s: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("trials").join(id).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        let t = &s["trainable_parameters"];
+        (t[0].as_u64().unwrap(), t[1].as_u64().unwrap())
+    };
+    let full = counts("method=full_objective=mlm_split=1");
+    let probe = counts("method=linear_probe_objective=mlm_split=1");
+    assert_eq!(full.0, full.1, "full fine-tuning trains everything");
+    assert_eq!(
+        probe,
+        (32 * 2 + 2, full.1),
+        "a d_model 32 head over 2 labels"
+    );
+    let html = std::fs::read_to_string(
+        run.join("trials/method=linear_probe_objective=mlm_split=1/index.html"),
+    )
+    .unwrap();
+    assert!(
+        html.contains("Fine-tuning method: <strong>linear_probe</strong>, 66 of"),
+        "report"
+    );
+}

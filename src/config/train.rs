@@ -128,9 +128,29 @@ pub enum Pooling {
     Last,
 }
 
+/// What fine-tuning trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Every parameter.
+    #[default]
+    Full,
+    /// The classification head only; the (pretrained) backbone stays frozen.
+    LinearProbe,
+}
+
+impl Method {
+    /// `full` is left out of the serialized config, so cache keys from before methods existed hold.
+    pub fn is_full(&self) -> bool {
+        *self == Method::Full
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneSection {
+    #[serde(default, skip_serializing_if = "Method::is_full")]
+    pub method: Method,
     #[serde(default = "default_epochs")]
     pub epochs: usize,
     #[serde(default = "default_finetune_batch")]
@@ -171,6 +191,7 @@ impl Default for PretrainSection {
 impl Default for FinetuneSection {
     fn default() -> Self {
         Self {
+            method: Method::Full,
             epochs: default_epochs(),
             batch_size: default_finetune_batch(),
             patience: default_patience(),

@@ -248,3 +248,99 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::train::OptimSection;
+    use crate::metrics::Store;
+    use crate::model::{BackboneConfig, ClassifierHead};
+    use crate::train::backend::CpuTrain;
+    use crate::train::{fit, parameter_counts, Budget, Progress};
+    use burn::module::{Module, ModuleVisitor, Param};
+
+    /// Every float parameter of a module, flattened in visiting order.
+    fn values<M: Module<CpuTrain>>(m: &M) -> Vec<f32> {
+        struct Collect(Vec<f32>);
+        impl ModuleVisitor<CpuTrain> for Collect {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<CpuTrain, D>>) {
+                let data = p.val().into_data().convert::<f32>();
+                self.0.extend(data.iter::<f32>());
+            }
+        }
+        let mut c = Collect(Vec::new());
+        m.visit(&mut c);
+        c.0
+    }
+
+    #[test]
+    fn a_linear_probe_trains_the_head_alone() {
+        let device = Default::default();
+        let cfg = BackboneConfig {
+            vocab_size: 40,
+            d_model: 16,
+            layers: 1,
+            heads: 2,
+            d_ff: 32,
+            max_len: 12,
+            dropout: 0.1,
+            pre_norm: true,
+            causal: false,
+        };
+        let model = Classifier {
+            backbone: cfg.init::<CpuTrain>(&device).no_grad(),
+            head: ClassifierHead::new(16, 3, 0.1, &device),
+        };
+        let (trainable, total) = parameter_counts::<CpuTrain, _>(&model);
+        assert_eq!(trainable, 16 * 3 + 3, "the head's weight and bias");
+        assert_eq!(total, cfg.parameters() + trainable);
+        let (backbone0, head0) = (values(&model.backbone), values(&model.head));
+
+        let train = Labelled {
+            ids: (0..24u32)
+                .map(|i| vec![2, 5 + i % 30, 6 + i % 7, 3])
+                .collect(),
+            classes: (0..24).map(|i| i % 3).collect(),
+        };
+        let task = FinetuneTask::<CpuTrain> {
+            train: &train,
+            dev: None,
+            classes: 3,
+            pool: Pool::First,
+            pad_id: 0,
+            batch_size: 8,
+            eval_batch_size: 8,
+            select: SelectMetric::Accuracy,
+            seed: 1,
+            device,
+        };
+        let budget = Budget {
+            max_steps: 6,
+            max_epochs: 2,
+            eval_every: None,
+            eval_each_epoch: true,
+            patience: 0,
+            keep_best: false,
+            seed: 1,
+        };
+        let optim = OptimSection::default().resolve(1e-2);
+        let mut store = Store::default();
+        let fitted = fit(
+            &task,
+            model,
+            &optim,
+            &budget,
+            "finetune",
+            &mut store,
+            &mut Progress::new("t", true),
+            None,
+        )
+        .expect("trains");
+        let backbone1 = {
+            let m = Classifier::<CpuTrain>::from_inner(fitted.model);
+            (values(&m.backbone), values(&m.head))
+        };
+        assert_eq!(backbone1.0, backbone0, "frozen parameters must not change");
+        assert_ne!(backbone1.1, head0, "the head trains");
+    }
+}

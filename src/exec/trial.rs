@@ -15,7 +15,7 @@ use super::journal::Journal;
 use super::stats::{self, Encoded};
 use super::tasks::{self, FinetuneTask, PretrainTask};
 use super::Options;
-use crate::config::train::{Objective, Pooling, DEFAULT_PRETRAIN_STEPS};
+use crate::config::train::{Method, Objective, Pooling, DEFAULT_PRETRAIN_STEPS};
 use crate::data::Datasets;
 use crate::metrics::Store;
 use crate::model::{Backbone, BackboneConfig, Classifier, ClassifierHead, LmHead, LmModel, Pool};
@@ -602,10 +602,17 @@ fn finetune_stage<B: AutodiffBackend>(
         Pooling::Auto => Pool::First,
     };
     let classes = data.labels.len();
+    let backbone = Backbone::<B>::from_inner(backbone);
+    let backbone = match f.method {
+        Method::Full => backbone,
+        Method::LinearProbe => backbone.no_grad(),
+    };
     let model = Classifier {
-        backbone: Backbone::<B>::from_inner(backbone),
+        backbone,
         head: ClassifierHead::new(cfg.d_model, classes, cfg.dropout, &device),
     };
+    let (trainable, total) = crate::train::parameter_counts::<B, _>(&model);
+    summary.trainable_parameters = Some((trainable, total));
     let task = FinetuneTask::<B> {
         train: &encoded.train,
         dev: encoded.dev.as_ref(),

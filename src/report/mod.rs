@@ -50,6 +50,12 @@ pub struct RunSummary {
     pub vocab_size: Option<usize>,
     pub model: Option<BackboneConfig>,
     pub parameters: Option<usize>,
+    /// `(trainable, total)` parameters of the fine-tuned classifier.
+    #[serde(default)]
+    pub trainable_parameters: Option<(usize, usize)>,
+    /// `full` or `linear_probe`.
+    #[serde(default)]
+    pub method: String,
     pub objective: String,
     pub scores: Vec<(String, Scores)>,
     pub stage_times: Vec<(String, f64)>,
@@ -101,6 +107,11 @@ impl RunSummary {
             vocab_size: None,
             model: None,
             parameters: None,
+            trainable_parameters: None,
+            method: match exp.raw.finetune.method {
+                crate::config::train::Method::Full => "full".into(),
+                crate::config::train::Method::LinearProbe => "linear_probe".into(),
+            },
             objective: exp.raw.pretrain.objective.name().to_string(),
             scores: Vec::new(),
             stage_times: Vec::new(),

@@ -75,6 +75,26 @@ pub enum TrainError {
     Checkpoint(String),
 }
 
+/// `(trainable, total)` parameter counts: frozen parameters do not require gradients.
+pub fn parameter_counts<B: AutodiffBackend, M: burn::module::Module<B>>(
+    model: &M,
+) -> (usize, usize) {
+    struct Count(usize, usize);
+    impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            let value = param.val();
+            let n = value.shape().num_elements();
+            self.1 += n;
+            if value.is_require_grad() {
+                self.0 += n;
+            }
+        }
+    }
+    let mut count = Count(0, 0);
+    model.visit(&mut count);
+    (count.0, count.1)
+}
+
 pub fn adamw(o: &Optim) -> AdamWConfig {
     let clip = (o.clip_norm > 0.0).then_some(GradientClippingConfig::Norm(o.clip_norm as f32));
     AdamWConfig::new()
