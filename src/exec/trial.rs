@@ -254,10 +254,8 @@ fn reuse_finetune<B: Backend>(
     cx.journal
         .log(&trial.id, "finetune", "cached")
         .key(&keys.finetune.hash);
-    let text = std::fs::read_to_string(entry.join("summary.json"))
-        .map_err(|e| failed("finetune")(format!("cached entry {}: {e}", entry.display())))?;
-    let cached: RunSummary = serde_json::from_str(&text)
-        .map_err(|e| failed("finetune")(format!("cached entry {}: {e}", entry.display())))?;
+    let cached: RunSummary = crate::report::read_json(&entry.join("summary.json"))
+        .map_err(|e| failed("finetune")(format!("cached entry: {e}")))?;
     let fresh = std::mem::replace(summary, cached);
     // The entry may have been built by another trial or experiment: keep this trial's identity.
     summary.name = fresh.name;
@@ -345,6 +343,27 @@ fn tokenizer_stage<B: Backend>(
         &format!("tokenizer: {} tokens in the vocabulary", tok.vocab_size),
     );
     Ok(tok)
+}
+
+/// Logs a stage's divergence and ends the trial with it.
+fn diverged(
+    journal: &mut Journal,
+    trial: &Trial,
+    stage: &'static str,
+    key: &crate::plan::keys::Key,
+    step: usize,
+    reason: String,
+) -> Stop {
+    journal
+        .log(&trial.id, stage, "diverged")
+        .key(&key.hash)
+        .step(step)
+        .detail(reason.clone());
+    Stop::Diverged {
+        stage,
+        step,
+        reason,
+    }
 }
 
 /// Says why nothing happens while another xrun builds the same cache entry.
@@ -512,16 +531,7 @@ fn pretrain_stage<B: AutodiffBackend>(
             cx.cache
                 .commit("pretrain", key, building, &built_by, status, write_records)
                 .map_err(&err)?;
-            cx.journal
-                .log(&trial.id, "pretrain", "diverged")
-                .key(&key.hash)
-                .step(step)
-                .detail(reason.clone());
-            Err(Stop::Diverged {
-                stage: "pretrain",
-                step,
-                reason,
-            })
+            Err(diverged(cx.journal, trial, "pretrain", key, step, reason))
         }
         Err(e) => Err(err(e.to_string())),
     }
@@ -721,16 +731,7 @@ fn finetune_stage<B: AutodiffBackend>(
             Ok(())
         }
         Status::Diverged { step, reason } => {
-            cx.journal
-                .log(&trial.id, "finetune", "diverged")
-                .key(&key.hash)
-                .step(step)
-                .detail(reason.clone());
-            Err(Stop::Diverged {
-                stage: "finetune",
-                step,
-                reason,
-            })
+            Err(diverged(cx.journal, trial, "finetune", key, step, reason))
         }
     }
 }

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::sweep::Distribution;
-use crate::config::{self, ConfigErrors, Diagnostic, Experiment};
+use crate::config::{self, ConfigErrors, Diagnostic, Experiment, Origin};
 
 /// One point of the sweep: the values it assigns and the experiment they give.
 #[derive(Debug, Clone)]
@@ -34,16 +34,27 @@ const FIXED_KEYS: [&str; 6] = [
 
 /// One axis of the product: each alternative assigns one or more keys at once.
 struct Block {
-    /// Where the axis is written, for error messages (a dotted path into the file).
-    at: String,
+    /// Where the axis is written in the file, found once: every trial that fails on this axis
+    /// points there.
+    origin: Origin,
     alternatives: Vec<Vec<(String, toml::Value)>>,
+}
+
+impl Block {
+    /// `at` is the axis's dotted path in the file, e.g. `sweep.grid.model.layers`.
+    fn new(exp: &Experiment, at: String, alternatives: Vec<Vec<(String, toml::Value)>>) -> Self {
+        Self {
+            origin: exp.origin_of(&at),
+            alternatives,
+        }
+    }
 }
 
 /// Expands the sweep; an experiment without one is a single trial named `base`.
 pub fn expand(exp: &Experiment) -> Result<Vec<Trial>, ConfigErrors> {
     let mut diags = Vec::new();
     let blocks = blocks(exp, &mut diags);
-    check_blocks(exp, &blocks, &mut diags);
+    check_blocks(&blocks, &mut diags);
     if !diags.is_empty() {
         return Err(errors(exp, diags));
     }
@@ -54,11 +65,11 @@ pub fn expand(exp: &Experiment) -> Result<Vec<Trial>, ConfigErrors> {
         let mut assigned = Vec::new();
         let mut failed = false;
         for (block, (path, value)) in combo.iter() {
-            assigned.push((path.clone(), exp.origin_of(&block.at)));
+            assigned.push((path.clone(), block.origin.clone()));
             match config::assign(&raw, path, value.clone()) {
                 Ok(next) => raw = next,
                 Err(mut d) => {
-                    d.origin = exp.origin_of(&block.at);
+                    d.origin = block.origin.clone();
                     push_once(&mut diags, d);
                     failed = true;
                 }
@@ -124,13 +135,11 @@ fn blocks(exp: &Experiment, diags: &mut Vec<Diagnostic>) -> Vec<Block> {
     for (path, value) in grid {
         let at = format!("sweep.grid.{path}");
         let values = list(exp, &at, &value, diags);
-        out.push(Block {
-            at,
-            alternatives: values
-                .into_iter()
-                .map(|v| vec![(path.clone(), v)])
-                .collect(),
-        });
+        let alternatives = values
+            .into_iter()
+            .map(|v| vec![(path.clone(), v)])
+            .collect();
+        out.push(Block::new(exp, at, alternatives));
     }
     for (i, group) in s.zip.iter().enumerate() {
         let mut leaves = Vec::new();
@@ -167,35 +176,31 @@ fn blocks(exp: &Experiment, diags: &mut Vec<Diagnostic>) -> Vec<Block> {
                     .collect()
             })
             .collect();
-        out.push(Block { at, alternatives });
+        out.push(Block::new(exp, at, alternatives));
     }
     if let Some(r) = &s.random {
         out.extend(random_block(exp, r, diags));
     }
     if !s.split.is_empty() {
-        out.push(Block {
-            at: "sweep.split".into(),
-            alternatives: s
-                .split
-                .iter()
-                .map(|v| vec![("data.split".to_string(), v.clone())])
-                .collect(),
-        });
+        let alternatives = s
+            .split
+            .iter()
+            .map(|v| vec![("data.split".to_string(), v.clone())])
+            .collect();
+        out.push(Block::new(exp, "sweep.split".into(), alternatives));
     }
     if !s.seeds.is_empty() {
-        out.push(Block {
-            at: "sweep.seeds".into(),
-            alternatives: s
-                .seeds
-                .iter()
-                .map(|&v| {
-                    vec![(
-                        "experiment.seed".to_string(),
-                        toml::Value::Integer(v as i64),
-                    )]
-                })
-                .collect(),
-        });
+        let alternatives = s
+            .seeds
+            .iter()
+            .map(|&v| {
+                vec![(
+                    "experiment.seed".to_string(),
+                    toml::Value::Integer(v as i64),
+                )]
+            })
+            .collect();
+        out.push(Block::new(exp, "sweep.seeds".into(), alternatives));
     }
     out
 }
@@ -310,10 +315,7 @@ fn random_block(
                 .collect()
         })
         .collect();
-    Some(Block {
-        at: at.into(),
-        alternatives,
-    })
+    Some(Block::new(exp, at.into(), alternatives))
 }
 
 fn check_distribution(d: &Distribution) -> Result<(), String> {
@@ -351,7 +353,7 @@ fn draw(d: &Distribution, rng: &mut ChaCha8Rng) -> toml::Value {
     }
 }
 
-fn check_blocks(exp: &Experiment, blocks: &[Block], diags: &mut Vec<Diagnostic>) {
+fn check_blocks(blocks: &[Block], diags: &mut Vec<Diagnostic>) {
     let mut seen: Vec<&str> = Vec::new();
     for b in blocks {
         let Some(first) = b.alternatives.first() else {
@@ -366,12 +368,12 @@ fn check_blocks(exp: &Experiment, blocks: &[Block], diags: &mut Vec<Diagnostic>)
                     format!(
                         "`{path}` cannot be swept: it says where outputs go, not what is measured"
                     ),
-                    exp.origin_of(&b.at),
+                    b.origin.clone(),
                 ));
             } else if seen.contains(&path.as_str()) {
                 diags.push(Diagnostic::new(
                     format!("`{path}` is swept twice"),
-                    exp.origin_of(&b.at),
+                    b.origin.clone(),
                 ));
             }
             seen.push(path);

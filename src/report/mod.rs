@@ -252,21 +252,21 @@ fn safe_svg(svg: Option<String>) -> Value {
     svg.map_or(Value::from(()), Value::from_safe_string)
 }
 
+/// Reads a JSON file xrun wrote (`summary.json`, `study.json`); the error names the file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Re-renders `index.html` of a finished (or failed) run from its `summary.json` and
 /// `metrics.parquet`, without training.
 pub fn rerender(run_dir: &Path) -> Result<PathBuf, String> {
     if run_dir.join("study.json").is_file() {
         return study::rerender(run_dir);
     }
-    let summary_path = run_dir.join("summary.json");
-    let text = std::fs::read_to_string(&summary_path).map_err(|e| {
-        format!(
-            "cannot read {}: {e} (is this a run directory?)",
-            summary_path.display()
-        )
-    })?;
-    let summary: RunSummary =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", summary_path.display()))?;
+    let summary: RunSummary = read_json(&run_dir.join("summary.json"))
+        .map_err(|e| format!("{e} (is this a run directory?)"))?;
     let store = Store::read_records(run_dir).map_err(|e| {
         format!(
             "cannot read {}: {e}",

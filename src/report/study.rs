@@ -500,23 +500,12 @@ fn render(
 
 /// Renders the study again from `study.json` and each trial's stored summary and records.
 pub fn rerender(run_dir: &Path) -> Result<PathBuf, String> {
-    let path = run_dir.join("study.json");
-    let text = std::fs::read_to_string(&path).map_err(|x| {
-        format!(
-            "cannot read {}: {x} (is this a run directory?)",
-            path.display()
-        )
-    })?;
-    let meta: StudyMeta =
-        serde_json::from_str(&text).map_err(|x| format!("{}: {x}", path.display()))?;
+    let meta: StudyMeta = super::read_json(&run_dir.join("study.json"))
+        .map_err(|x| format!("{x} (is this a run directory?)"))?;
     let mut loaded = Vec::new();
     for t in &meta.trials {
         let dir = run_dir.join("trials").join(&t.id);
-        let summary_path = dir.join("summary.json");
-        let text = std::fs::read_to_string(&summary_path)
-            .map_err(|x| format!("cannot read {}: {x}", summary_path.display()))?;
-        let summary: RunSummary =
-            serde_json::from_str(&text).map_err(|x| format!("{}: {x}", summary_path.display()))?;
+        let summary: RunSummary = super::read_json(&dir.join("summary.json"))?;
         let mut store = Store::read_records(&dir)
             .map_err(|x| format!("cannot read {}: {x}", dir.join("metrics.parquet").display()))?;
         for (split, scores) in &summary.scores {
