@@ -1,5 +1,5 @@
 //! Command line: `xrun FILE` (same as `xrun run FILE`), `xrun validate FILE`, `xrun plan FILE`,
-//! `xrun report DIR`, `xrun gc`. Errors are printed once, here, and mapped to exit codes: 0 success,
+//! `xrun submit FILE --slurm`, `xrun status FILE`, `xrun report FILE|DIR`, `xrun gc`. Errors are printed once, here, and mapped to exit codes: 0 success,
 //! 1 a stage failed, 2 invalid input.
 
 use std::path::PathBuf;
@@ -36,10 +36,18 @@ pub enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
-    /// Re-render the report of a run directory from its stored results, without training.
+    /// Submit an experiment's trials to a cluster: shared stages as jobs, trials as job arrays.
+    Submit(SubmitArgs),
+    /// Each trial's state: done, running, queued, failed (with its job and log), not submitted.
+    Status(FileArgs),
+    /// Render the report again from stored results, without training. Given an experiment file,
+    /// merge the study from its trial folders (partial, and marked so, while trials still run).
     Report {
-        /// A run directory, e.g. reports/clue_tnews.
-        dir: PathBuf,
+        /// A run directory (e.g. reports/clue_tnews) or an experiment file.
+        path: PathBuf,
+        /// With an experiment file: override a key, as for `xrun run`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Remove cache entries that no run directory's plan references.
     Gc {
@@ -71,6 +79,54 @@ pub struct RunArgs {
     /// No progress bars or log lines; errors are still printed.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Run only this trial (an id from `xrun plan`), beside other processes running the rest.
+    #[arg(long, conflicts_with = "shard")]
+    pub trial: Option<String>,
+    /// Run trials INDEX, INDEX+COUNT, … of the plan (from 0), beside the other shards.
+    #[arg(long, value_name = "INDEX/COUNT")]
+    pub shard: Option<String>,
+    /// Stop each trial after this shared stage (a cluster stage job).
+    #[arg(long, value_enum)]
+    pub until: Option<exec::Until>,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    /// Submit to Slurm (the one scheduler xrun submits to; see `--shard` for others).
+    #[arg(long, required = true)]
+    pub slurm: bool,
+    /// Print the job graph and the sbatch scripts; submit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Submit again only the trials whose jobs ended without a result.
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// sbatch --partition (overrides cluster.slurm.partition).
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// sbatch --gres, e.g. gpu:1.
+    #[arg(long)]
+    pub gres: Option<String>,
+    /// sbatch --time, e.g. 02:00:00.
+    #[arg(long)]
+    pub time: Option<String>,
+    /// sbatch --cpus-per-task.
+    #[arg(long)]
+    pub cpus_per_task: Option<u32>,
+    /// sbatch --mem, e.g. 16G.
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// sbatch --account.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// sbatch --qos.
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Any other sbatch option, e.g. `--sbatch=--constraint=a100` (repeatable).
+    #[arg(long = "sbatch", value_name = "OPTION", allow_hyphen_values = true)]
+    pub sbatch: Vec<String>,
 }
 
 /// Exit codes, as documented in the README.
@@ -85,6 +141,8 @@ pub fn normalize_args(mut args: Vec<String>) -> Vec<String> {
         "report",
         "plan",
         "gc",
+        "submit",
+        "status",
         "help",
         "-h",
         "--help",
@@ -122,7 +180,10 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Report { dir } => match crate::report::rerender(&dir) {
+        Command::Report { path, sets } if path.is_file() => {
+            merged_report(&FileArgs { file: path, sets })
+        }
+        Command::Report { path, .. } => match crate::report::rerender(&path) {
             Ok(path) => {
                 println!("{}", path.display());
                 ExitCode::SUCCESS
@@ -132,7 +193,87 @@ pub fn main() -> ExitCode {
                 ExitCode::from(EXIT_INVALID_INPUT)
             }
         },
+        Command::Submit(args) => submit(&args),
+        Command::Status(args) => status(&args),
     }
+}
+
+/// Prints a command's text, or its error with the exit code it maps to.
+fn finish(result: Result<String, exec::RunError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn merged_report(args: &FileArgs) -> ExitCode {
+    let (exp, trials) = match load(args) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    finish(exec::keys(&trials).and_then(|keys| {
+        let m = exec::merge_study(&exp, &trials, &keys)?;
+        if m.finished < m.total {
+            eprintln!(
+                "partial report: {} of {} trials have finished",
+                m.finished, m.total
+            );
+        }
+        Ok(format!("{}\n", m.report.display()))
+    }))
+}
+
+fn status(args: &FileArgs) -> ExitCode {
+    let (exp, trials) = match load(args) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    finish(
+        exec::keys(&trials)
+            .and_then(|keys| crate::cluster::slurm::status_text(&exp, &trials, &keys)),
+    )
+}
+
+fn submit(args: &SubmitArgs) -> ExitCode {
+    let (exp, trials) = match load(&args.file) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let mut settings = exp.raw.cluster.slurm.clone();
+    let cli = [
+        (&mut settings.partition, &args.partition),
+        (&mut settings.gres, &args.gres),
+        (&mut settings.time, &args.time),
+        (&mut settings.mem, &args.mem),
+        (&mut settings.account, &args.account),
+        (&mut settings.qos, &args.qos),
+    ];
+    for (slot, value) in cli {
+        if value.is_some() {
+            slot.clone_from(value);
+        }
+    }
+    if args.cpus_per_task.is_some() {
+        settings.cpus_per_task = args.cpus_per_task;
+    }
+    settings.options.extend(args.sbatch.iter().cloned());
+    let opts = crate::cluster::slurm::SubmitOptions {
+        file: &args.file.file,
+        sets: &args.file.sets,
+        settings,
+        dry_run: args.dry_run,
+        retry_failed: args.retry_failed,
+    };
+    finish(
+        exec::keys(&trials)
+            .and_then(|keys| crate::cluster::slurm::submit(&exp, &trials, &keys, &opts)),
+    )
 }
 
 fn load(args: &FileArgs) -> Result<(config::Experiment, Vec<Trial>), ExitCode> {
@@ -219,7 +360,23 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    match exec::run(&exp, &trials, &Options { quiet: args.quiet }) {
+    let select = match (&args.trial, &args.shard) {
+        (Some(id), _) => exec::Select::Trial(id.clone()),
+        (None, Some(s)) => match exec::Select::shard(s) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INVALID_INPUT);
+            }
+        },
+        (None, None) => exec::Select::All,
+    };
+    let opts = Options {
+        quiet: args.quiet,
+        select,
+        until: args.until,
+    };
+    match exec::run(&exp, &trials, &opts) {
         Ok(outcome) => {
             if let Some(acc) = outcome.test_accuracy {
                 eprintln!("test accuracy: {:.2}%", acc * 100.0);

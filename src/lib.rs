@@ -3,6 +3,7 @@
 //! it out stage by stage on a burn backend and renders an HTML report.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod exec;

@@ -1169,3 +1169,114 @@ fn a_linear_probe_trains_only_the_head_and_says_so() {
         "report"
     );
 }
+
+#[test]
+fn shards_running_side_by_side_merge_to_the_whole_runs_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let fixture = "tests/fixtures/sweeps/cluster.toml";
+    let set = |out: &Path| format!("experiment.output_dir={}", out.display());
+    let whole = tmp.join("whole");
+    let o = xrun(&root(), &[fixture, "--quiet", "--set", &set(&whole)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Two shards at once: they share the tokenizer and the pretraining through the cache locks,
+    // and each merges the study after every trial it finishes.
+    let sharded = tmp.join("sharded");
+    let spawn = |shard: &str| {
+        Command::new(XRUN)
+            .current_dir(root())
+            .args([
+                fixture,
+                "--quiet",
+                "--shard",
+                shard,
+                "--set",
+                &set(&sharded),
+            ])
+            .env_remove("XRUN_DATA_ROOT")
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn("0/2"), spawn("1/2"));
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    let run = sharded.join("cluster_tiny");
+    let j = journal(&run);
+    assert_eq!(events(&j, None, "pretrain", "done"), 1, "{j:?}");
+    assert_eq!(events(&j, None, "finetune", "done"), 4, "{j:?}");
+    let pids: std::collections::HashSet<u64> = j.iter().filter_map(|e| e["pid"].as_u64()).collect();
+    assert_eq!(pids.len(), 2);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    assert_eq!(
+        read(&run.join("results.csv")),
+        read(&whole.join("cluster_tiny/results.csv"))
+    );
+    assert_eq!(
+        read(&run.join("tables/accuracy.md")),
+        read(&whole.join("cluster_tiny/tables/accuracy.md"))
+    );
+    assert!(!read(&run.join("index.html")).contains("Partial report"));
+}
+
+#[test]
+fn one_trial_or_one_stage_can_be_run_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let fixture = "tests/fixtures/sweeps/cluster.toml";
+    let out = format!("experiment.output_dir={}", tmp.display());
+    let args = |extra: &[&str]| {
+        let mut a = vec![fixture, "--quiet", "--set", out.as_str()];
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        xrun(&root(), &a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // A mistyped trial id is an input error that suggests the nearest id.
+    let o = run(&["--trial", "epochs=2_lr=0.002"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("did you mean `epochs=2_lr=0.003`"),
+        "{}",
+        stderr(&o)
+    );
+    for bad in ["2/2", "1", "a/3", "0/0"] {
+        let o = run(&["--shard", bad]);
+        assert_eq!(o.status.code(), Some(2), "--shard {bad}");
+        assert!(stderr(&o).contains("INDEX/COUNT"), "{}", stderr(&o));
+    }
+    // A stage job builds the shared pretraining and nothing else.
+    let o = run(&["--trial", "epochs=3_lr=0.001", "--until", "pretrain"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run_dir = tmp.join("cluster_tiny");
+    assert!(!run_dir.join("trials/epochs=3_lr=0.001").exists());
+    let mut plan_args = vec!["plan".to_string()];
+    plan_args.extend(args(&[]).into_iter().filter(|a| a != "--quiet"));
+    let plan = xrun(
+        &root(),
+        &plan_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let plan = String::from_utf8_lossy(&plan.stdout).into_owned();
+    assert!(plan.contains("pretrain: 4 cached"), "{plan}");
+    assert!(plan.contains("finetune: 4 run"), "{plan}");
+    // One trial: its folder, and a study that says the other three are pending.
+    let o = run(&["--trial", "epochs=3_lr=0.001"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let study: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("study.json")).unwrap())
+            .unwrap();
+    let statuses: Vec<&str> = study["trials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["pending", "pending", "done", "pending"]);
+    let html = std::fs::read_to_string(run_dir.join("index.html")).unwrap();
+    assert!(html.contains("Partial report: 3 of 4 trials have not finished yet"));
+    let status = xrun(&root(), &["status", fixture, "--set", out.as_str()]);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.contains("4 trials: 1 done, 3 not run"), "{status}");
+}

@@ -5,6 +5,7 @@
 //! it names is blanked out of the text (offsets preserved) and the file parsed again, so one run of
 //! `xrun validate` lists every unknown key, wrong type and bad range at once.
 
+pub mod cluster;
 pub mod data;
 mod diagnostic;
 pub mod experiment;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml_edit::{ImDocument, Item};
 
+use cluster::ClusterSection;
 use data::DataSection;
 pub use diagnostic::{suggest, ConfigErrors, Diagnostic, Origin};
 use experiment::ExperimentSection;
@@ -27,7 +29,7 @@ use sweep::{ReportSection, SweepSection};
 use train::{EvalSection, FinetuneSection, Optim, PretrainSection, FINETUNE_LR, PRETRAIN_LR};
 
 /// The sections of an experiment file, as `RawDoc` names them.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "experiment",
     "data",
     "tokenizer",
@@ -37,6 +39,7 @@ const SECTIONS: [&str; 9] = [
     "eval",
     "sweep",
     "report",
+    "cluster",
 ];
 
 /// The whole file as serde sees it. Unknown sections and keys are errors.
@@ -59,6 +62,8 @@ pub struct RawDoc {
     pub sweep: SweepSection,
     #[serde(default)]
     pub report: ReportSection,
+    #[serde(default, skip_serializing_if = "ClusterSection::is_empty")]
+    pub cluster: ClusterSection,
 }
 
 /// A checked experiment: every value in range, every input file present.
@@ -549,7 +554,8 @@ mod tests {
     #[test]
     fn section_and_optim_key_lists_match_the_schema() {
         let raw: RawDoc = toml::from_str(
-            "[experiment]\nname = \"x\"\n[data.train]\npaths = [\"t.json\"]\nlabel = \"l\"\n",
+            "[experiment]\nname = \"x\"\n[data.train]\npaths = [\"t.json\"]\nlabel = \"l\"\n\
+             [cluster.slurm]\npartition = \"p\"\n",
         )
         .expect("a minimal file parses");
         let mut sections = keys(&raw);

@@ -51,6 +51,11 @@ pub(super) fn check(
     let base = file.parent().unwrap_or(Path::new("")).to_path_buf();
     let data_root = data_root(&base, &raw, places);
     experiment(&mut c, &raw);
+    if let Err(errors) = raw.cluster.slurm.sbatch_options() {
+        for (key, message) in errors {
+            c.fail(&key, message);
+        }
+    }
     model(&mut c, &raw);
     tokenizer(&mut c, &raw, &base);
     pretrain(&mut c, &raw);

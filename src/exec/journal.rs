@@ -86,7 +86,13 @@ impl Drop for Entry<'_> {
         };
         if let Ok(mut line) = serde_json::to_string(&self.event) {
             line.push('\n');
+            // Array tasks on several hosts append to one journal; on a network filesystem an
+            // append is one write only under a lock.
+            let locked = file.lock().is_ok();
             let _ = file.write_all(line.as_bytes());
+            if locked {
+                let _ = file.unlock();
+            }
         }
     }
 }

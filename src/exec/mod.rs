@@ -63,6 +63,89 @@ fn stage_err(stage: &'static str) -> impl Fn(String) -> RunError {
 
 pub struct Options {
     pub quiet: bool,
+    /// Which trials of the plan this process runs.
+    pub select: Select,
+    /// Stop every selected trial after this stage: a cluster job that builds a shared stage.
+    pub until: Option<Until>,
+}
+
+impl Options {
+    pub fn quiet(quiet: bool) -> Self {
+        Self {
+            quiet,
+            select: Select::All,
+            until: None,
+        }
+    }
+}
+
+/// The trials one process runs. `All` owns the run directory; the others share it with the
+/// processes that run the rest (cluster array tasks, shards), and merge the study from disk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Select {
+    All,
+    /// One trial, by id (`xrun run FILE --trial ID`).
+    Trial(String),
+    /// Trials `index`, `index + count`, … of the plan (`--shard INDEX/COUNT`, from 0).
+    Shard {
+        index: usize,
+        count: usize,
+    },
+}
+
+impl Select {
+    /// Parses `--shard I/N`.
+    pub fn shard(text: &str) -> Result<Self, String> {
+        let bad =
+            || format!("--shard `{text}`: expected INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 0/4");
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Select::Shard { index, count })
+    }
+
+    /// The plan positions this selection runs.
+    pub fn positions(&self, trials: &[Trial]) -> Result<Vec<usize>, RunError> {
+        match self {
+            Select::All => Ok((0..trials.len()).collect()),
+            Select::Shard { index, count } => {
+                Ok((0..trials.len()).filter(|i| i % count == *index).collect())
+            }
+            Select::Trial(id) => match trials.iter().position(|t| &t.id == id) {
+                Some(i) => Ok(vec![i]),
+                None => {
+                    let ids: Vec<&str> = trials.iter().map(|t| t.id.as_str()).collect();
+                    let hint = crate::config::suggest(id, ids.iter().copied())
+                        .map(|s| format!("; did you mean `{s}`?"))
+                        .unwrap_or_default();
+                    Err(RunError::Input(format!(
+                        "--trial `{id}`: the experiment has no such trial{hint} (`xrun plan` \
+                         lists them: {})",
+                        ids.join(", ")
+                    )))
+                }
+            },
+        }
+    }
+}
+
+/// The stage a stage job stops after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Until {
+    Tokenizer,
+    Pretrain,
+}
+
+impl Until {
+    pub fn name(self) -> &'static str {
+        match self {
+            Until::Tokenizer => "tokenizer",
+            Until::Pretrain => "pretrain",
+        }
+    }
 }
 
 pub struct Outcome {
@@ -164,10 +247,12 @@ fn run_on<B: AutodiffBackend>(
 ) -> Result<Outcome, RunError> {
     let run_dir = exp.run_dir();
     let io = stage_err("setup");
+    let positions = opts.select.positions(trials)?;
     std::fs::create_dir_all(run_dir.join("trials"))
         .map_err(|e| io(format!("cannot create {}: {e}", run_dir.display())))?;
-    // Held until this function returns: a second xrun on the same run directory refuses.
-    let _lock = lock_run_dir(&run_dir)?;
+    // Held until this function returns. A whole run owns the directory; processes that each run
+    // part of the plan share it, and a whole run refuses while they do (and they while it does).
+    let _lock = lock_run_dir(&run_dir, opts.select == Select::All)?;
     write_file(
         &run_dir.join("config.resolved.toml"),
         exp.resolved_toml().as_bytes(),
@@ -183,13 +268,32 @@ fn run_on<B: AutodiffBackend>(
         ))
     })?;
     let mut runs: Vec<trial::TrialRun> = Vec::new();
+    let mut outcome_trials: Vec<(String, TrialStatus)> = Vec::new();
     let mut report = run_dir.join("index.html");
-    for (i, (t, k)) in trials.iter().zip(&keys).enumerate() {
-        let label = if trials.len() > 1 {
-            format!("[{}/{}] {}", i + 1, trials.len(), t.id)
+    for (n, &i) in positions.iter().enumerate() {
+        let (t, k) = (&trials[i], &keys[i]);
+        let label = if positions.len() > 1 {
+            format!("[{}/{}] {}", n + 1, positions.len(), t.id)
+        } else if trials.len() > 1 {
+            t.id.clone()
         } else {
             String::new()
         };
+        if let Some(until) = opts.until {
+            let key = match until {
+                Until::Tokenizer => Some(&k.tokenizer),
+                Until::Pretrain => k.pretrain.as_ref(),
+            };
+            if key.is_none_or(|key| cache.done(until.name(), key).is_some()) {
+                let what = if key.is_some() {
+                    "is already cached"
+                } else {
+                    "is not needed"
+                };
+                log(opts, &format!("{label}: {} {what}", until.name()));
+                continue;
+            }
+        }
         let mut cx = trial::Context::<B> {
             cache: &cache,
             journal: &mut journal,
@@ -200,16 +304,27 @@ fn run_on<B: AutodiffBackend>(
             experiment: &exp.raw.experiment.name,
         };
         let r = trial::run::<B>(t, k, &mut cx);
-        write_trial(&run_dir, t, k, &cache, &r)?;
-        log(opts, &trial_line(&label, &r));
+        outcome_trials.push((t.id.clone(), r.status.clone()));
+        match opts.until {
+            // A stage job: the stage is in the cache now; the trial itself has not run.
+            Some(until) if r.status == TrialStatus::Done => {
+                log(opts, &format!("{label}: {} done", until.name()));
+            }
+            Some(_) => log(opts, &trial_line(&label, &r)),
+            None => {
+                write_trial(&run_dir, t, k, &cache, &r)?;
+                log(opts, &trial_line(&label, &r));
+            }
+        }
         runs.push(r);
-        report = write_study(&run_dir, exp, &trials[..runs.len()], &runs)?;
+        if opts.until.is_none() {
+            report = if opts.select == Select::All {
+                write_study(&run_dir, exp, &trials[..runs.len()], &runs)?
+            } else {
+                merge_study(exp, trials, &keys)?.report
+            };
+        }
     }
-    let outcome_trials: Vec<(String, TrialStatus)> = trials
-        .iter()
-        .zip(&runs)
-        .map(|(t, r)| (t.id.clone(), r.status.clone()))
-        .collect();
     let failures: Vec<(&String, &TrialStatus)> = outcome_trials
         .iter()
         .filter(|(_, s)| matches!(s, TrialStatus::Failed { .. }))
@@ -239,7 +354,7 @@ fn run_on<B: AutodiffBackend>(
             code: *code,
         });
     }
-    if !runs.iter().any(|r| r.status == TrialStatus::Done) {
+    if !runs.is_empty() && !runs.iter().any(|r| r.status == TrialStatus::Done) {
         let what = if runs.len() == 1 {
             "the trial diverged".to_string()
         } else {
@@ -288,6 +403,7 @@ fn trial_line(label: &str, r: &trial::TrialRun) -> String {
             format!("diverged in {stage} at step {step} ({reason})")
         }
         TrialStatus::Failed { stage, message, .. } => format!("failed in {stage}: {message}"),
+        TrialStatus::Pending => "pending".into(),
     };
     if label.is_empty() {
         status
@@ -395,9 +511,10 @@ fn write_study(
     crate::report::study::write(run_dir, &meta, &pairs).map_err(stage_err("report"))
 }
 
-/// Takes an exclusive lock on `<run_dir>/.lock` (released when the file is dropped or the process
-/// dies) and writes this process's id into it, so the refusal can say who holds it.
-fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File, RunError> {
+/// Locks `<run_dir>/.lock` (released when the file is dropped or the process dies): exclusively
+/// for a whole run, which writes this process's id into it so the refusal can say who holds it;
+/// shared for a process that runs part of the plan beside others.
+fn lock_run_dir(run_dir: &Path, exclusive: bool) -> Result<std::fs::File, RunError> {
     use std::io::{Read, Seek, Write};
     let err = stage_err("setup");
     let path = run_dir.join(".lock");
@@ -408,28 +525,116 @@ fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File, RunError> {
         .truncate(false)
         .open(&path)
         .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
-    if let Err(e) = file.try_lock() {
+    let locked = if exclusive {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    if let Err(e) = locked {
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
         let holder = holder.trim();
-        let who = if holder.is_empty() {
-            "another xrun".to_string()
+        // Shared holders are processes running part of the plan; an exclusive one, a whole run.
+        let shared_holders = exclusive && file.try_lock_shared().is_ok();
+        let who = if shared_holders {
+            let _ = file.unlock();
+            "xrun processes running trials of this experiment (shards or cluster jobs) are"
+                .to_string()
+        } else if holder.is_empty() {
+            "another xrun is".to_string()
         } else {
-            format!("xrun (pid {holder})")
+            format!("xrun (pid {holder}) is")
         };
         return Err(err(format!(
-            "{who} is already running in {} ({e}); wait for it to finish or set another \
+            "{who} already running in {} ({e}); wait for it to finish or set another \
              experiment.output_dir",
             run_dir.display()
         )));
     }
-    let written = file
-        .set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| write!(file, "{}", std::process::id()))
-        .and_then(|()| file.flush());
-    written.map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
+    if exclusive {
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .and_then(|()| file.flush());
+        written.map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
+    }
     Ok(file)
+}
+
+/// A study merged from the trial folders on disk.
+pub struct Merged {
+    pub report: PathBuf,
+    pub finished: usize,
+    pub total: usize,
+}
+
+/// How a trial of the plan ended, read from its folder; `None` when it has not run, failed before
+/// writing it, or its folder holds an earlier configuration's result (another stage key).
+pub fn finished(run_dir: &Path, t: &Trial, k: &StageKeys) -> Option<(RunSummary, Store)> {
+    let dir = run_dir.join("trials").join(&t.id);
+    let (summary, store) = crate::report::study::load_trial(&dir).ok()?;
+    let planned = |stage: &str| match stage {
+        "tokenizer" => Some(&k.tokenizer.hash),
+        "pretrain" => k.pretrain.as_ref().map(|p| &p.hash),
+        "finetune" => Some(&k.finetune.hash),
+        _ => None,
+    };
+    let current = !summary.stages.is_empty()
+        && summary
+            .stages
+            .iter()
+            .all(|s| planned(&s.stage) == Some(&s.key));
+    (current && summary.status.is_some()).then_some((summary, store))
+}
+
+/// Writes the study from every trial folder of the plan, under `<run_dir>/.study.lock`: processes
+/// running different trials each merge after every trial they finish. Trials without a result
+/// show as pending, and the report says it is partial.
+pub fn merge_study(
+    exp: &Experiment,
+    trials: &[Trial],
+    keys: &[StageKeys],
+) -> Result<Merged, RunError> {
+    let run_dir = exp.run_dir();
+    let err = stage_err("report");
+    let path = run_dir.join(".study.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+    lock.lock()
+        .map_err(|e| err(format!("cannot lock {}: {e}", path.display())))?;
+    let mut loaded = Vec::new();
+    let mut statuses = Vec::new();
+    for (t, k) in trials.iter().zip(keys) {
+        match finished(&run_dir, t, k) {
+            Some((summary, store)) => {
+                statuses.push(summary.status.clone().unwrap_or(TrialStatus::Pending));
+                loaded.push((summary, store));
+            }
+            None => {
+                statuses.push(TrialStatus::Pending);
+                loaded.push((
+                    RunSummary::new_pending(&exp.raw.experiment.name, &t.id),
+                    Store::default(),
+                ));
+            }
+        }
+    }
+    let meta = study_meta(exp, trials, &statuses);
+    let pairs: Vec<(&RunSummary, &Store)> = loaded.iter().map(|(s, st)| (s, st)).collect();
+    let report = crate::report::study::write(&run_dir, &meta, &pairs).map_err(err)?;
+    Ok(Merged {
+        report,
+        finished: statuses
+            .iter()
+            .filter(|s| **s != TrialStatus::Pending)
+            .count(),
+        total: trials.len(),
+    })
 }
 
 fn log(opts: &Options, line: &str) {

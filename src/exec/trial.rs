@@ -14,7 +14,7 @@ use super::cache::{Building, Cache, Status};
 use super::journal::Journal;
 use super::stats::{self, Encoded};
 use super::tasks::{self, FinetuneTask, PretrainTask};
-use super::Options;
+use super::{Options, Until};
 use crate::config::train::{Method, Objective, Pooling, DEFAULT_PRETRAIN_STEPS};
 use crate::data::Datasets;
 use crate::metrics::Store;
@@ -43,6 +43,8 @@ pub enum TrialStatus {
         message: String,
         code: i32,
     },
+    /// Not finished yet: a study merged while its trials still run (`xrun report FILE`).
+    Pending,
 }
 
 impl TrialStatus {
@@ -51,6 +53,7 @@ impl TrialStatus {
             TrialStatus::Done => "done",
             TrialStatus::Diverged { .. } => "diverged",
             TrialStatus::Failed { .. } => "failed",
+            TrialStatus::Pending => "pending",
         }
     }
 }
@@ -142,7 +145,9 @@ pub fn run<B: AutodiffBackend>(trial: &Trial, keys: &StageKeys, cx: &mut Context
                 .log(&trial.id, stage, "failed")
                 .detail(message.clone());
         }
+        TrialStatus::Pending => {}
     }
+    summary.status = Some(status.clone());
     TrialRun {
         status,
         summary,
@@ -176,6 +181,9 @@ fn stages<B: AutodiffBackend>(
 
     let started = Instant::now();
     let tokenizer = tokenizer_stage(trial, keys, cx, &data, summary)?;
+    if cx.opts.until == Some(Until::Tokenizer) {
+        return Ok(());
+    }
     summary.vocab_size = Some(tokenizer.vocab_size);
     // Label efficiency: the tokenizer has seen the whole split; fine-tuning sees the draw.
     if let Some(n) = data.requested_train(exp) {
@@ -209,6 +217,9 @@ fn stages<B: AutodiffBackend>(
     summary
         .stage_times
         .push(("pretrain".into(), started.elapsed().as_secs_f64()));
+    if cx.opts.until == Some(Until::Pretrain) {
+        return Ok(());
+    }
 
     let Some(building) = begin_or_reuse(trial, keys, cx, summary, store)? else {
         return Ok(());

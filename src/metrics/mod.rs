@@ -111,6 +111,22 @@ impl Store {
     }
 }
 
+/// A temporary name beside `path` that no other writer uses: array tasks on different hosts of a
+/// cluster write the same study files, and may share a process id.
+pub fn tmp_path(path: &Path) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(
+        ".{name}.tmp-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> PolarsResult<()>,
@@ -119,7 +135,7 @@ pub fn write_atomic(
         path: path.display().to_string(),
         message,
     };
-    let tmp = path.with_extension("tmp");
+    let tmp = tmp_path(path);
     let mut file = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
     write(&mut file).map_err(|e| err(e.to_string()))?;
     file.sync_all().map_err(|e| err(e.to_string()))?;

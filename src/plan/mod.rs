@@ -363,6 +363,7 @@ fn check_blocks(blocks: &[Block], diags: &mut Vec<Diagnostic>) {
             if FIXED_KEYS.contains(&path.as_str())
                 || path.starts_with("sweep.")
                 || path.starts_with("report.")
+                || path.starts_with("cluster.")
             {
                 diags.push(Diagnostic::new(
                     format!(

@@ -24,7 +24,7 @@ const TEMPLATE: &str = include_str!("../../templates/report.html");
 const BASE: &str = include_str!("../../templates/base.html");
 
 /// Everything the report says about a run besides the metric records.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunSummary {
     pub name: String,
     /// The trial's id within its sweep (`base` without one).
@@ -60,6 +60,9 @@ pub struct RunSummary {
     pub scores: Vec<(String, Scores)>,
     pub stage_times: Vec<(String, f64)>,
     pub failure: Option<String>,
+    /// How the trial ended; read back when a study is merged from its trial folders.
+    #[serde(default)]
+    pub status: Option<crate::exec::TrialStatus>,
 }
 
 /// One stage of a trial: its cache key and whether an earlier run had already computed it.
@@ -81,6 +84,15 @@ impl StageUse {
 }
 
 impl RunSummary {
+    /// Stands in for a trial of a merged study that has not finished.
+    pub fn new_pending(name: &str, trial: &str) -> Self {
+        Self {
+            name: name.into(),
+            trial: trial.into(),
+            ..Self::default()
+        }
+    }
+
     pub fn new(exp: &Experiment, device: &DeviceInfo) -> Self {
         Self {
             name: exp.raw.experiment.name.clone(),
@@ -108,6 +120,7 @@ impl RunSummary {
             model: None,
             parameters: None,
             trainable_parameters: None,
+            status: None,
             method: match exp.raw.finetune.method {
                 crate::config::train::Method::Full => "full".into(),
                 crate::config::train::Method::LinearProbe => "linear_probe".into(),
@@ -288,7 +301,7 @@ pub fn write(run_dir: &Path, summary: &RunSummary, store: &Store) -> Result<Path
 
 /// Writes through a temporary file and a rename: a kill never leaves half a file.
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
+    let tmp = crate::metrics::tmp_path(path);
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|x| format!("cannot write {}: {x}", path.display()))

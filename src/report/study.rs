@@ -499,18 +499,28 @@ fn render(
 }
 
 /// Renders the study again from `study.json` and each trial's stored summary and records.
+/// A trial folder's summary and metric records, with its final scores as results.
+pub fn load_trial(dir: &Path) -> Result<(RunSummary, Store), String> {
+    let summary: RunSummary = super::read_json(&dir.join("summary.json"))?;
+    let mut store = Store::read_records(dir)
+        .map_err(|x| format!("cannot read {}: {x}", dir.join("metrics.parquet").display()))?;
+    for (split, scores) in &summary.scores {
+        store.push_scores(split, scores, &summary.labels);
+    }
+    Ok((summary, store))
+}
+
 pub fn rerender(run_dir: &Path) -> Result<PathBuf, String> {
     let meta: StudyMeta = super::read_json(&run_dir.join("study.json"))
         .map_err(|x| format!("{x} (is this a run directory?)"))?;
     let mut loaded = Vec::new();
     for t in &meta.trials {
         let dir = run_dir.join("trials").join(&t.id);
-        let summary: RunSummary = super::read_json(&dir.join("summary.json"))?;
-        let mut store = Store::read_records(&dir)
-            .map_err(|x| format!("cannot read {}: {x}", dir.join("metrics.parquet").display()))?;
-        for (split, scores) in &summary.scores {
-            store.push_scores(split, scores, &summary.labels);
+        if t.status == TrialStatus::Pending {
+            loaded.push((RunSummary::new_pending(&meta.name, &t.id), Store::default()));
+            continue;
         }
+        let (summary, store) = load_trial(&dir)?;
         super::write(&dir, &summary, &store)?;
         loaded.push((summary, store));
     }

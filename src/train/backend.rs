@@ -6,7 +6,7 @@ pub type Cpu = burn::backend::Flex;
 pub type CpuTrain = burn::backend::Autodiff<Cpu>;
 
 /// What ran, for the report.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeviceInfo {
     pub backend: String,
     pub device: String,
