@@ -291,16 +291,7 @@ fn plan(args: &FileArgs, verbose: bool) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    match exec::plan_text(&exp, &trials, verbose) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code() as u8)
-        }
-    }
+    finish(exec::plan_text(&exp, &trials, verbose))
 }
 
 fn validate(args: &FileArgs) -> ExitCode {
@@ -381,7 +372,10 @@ fn run(args: &RunArgs) -> ExitCode {
             if let Some(acc) = outcome.test_accuracy {
                 eprintln!("test accuracy: {:.2}%", acc * 100.0);
             }
-            println!("{}", outcome.report.display());
+            // A stage job (`--until`) writes no report.
+            if args.until.is_none() {
+                println!("{}", outcome.report.display());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -372,8 +372,36 @@ fn a_sweep_submitted_to_slurm_merges_to_the_local_results() {
     assert!(cluster.queue().trim().is_empty());
     assert!(!a.join("cluster_tiny/slurm/jobs.jsonl").exists());
 
+    // Options from the file (here through --set) and the command line reach every script.
+    let passthrough = [
+        "--time",
+        "00:30:00",
+        "--sbatch=--comment=xrun-test",
+        "--set",
+        "cluster.slurm.setup=[\"echo setup-ran\"]",
+    ];
+    let set_a = out_set(&a);
+    let mut args = vec!["submit", FIXTURE, "--slurm", "--dry-run"];
+    args.extend_from_slice(&passthrough);
+    args.extend_from_slice(&["--set", &set_a]);
+    let dry = text(&cluster.xrun(&args));
+    for wanted in [
+        "#SBATCH --time=00:30:00",
+        "#SBATCH --comment=xrun-test",
+        "\necho setup-ran\n",
+    ] {
+        assert_eq!(
+            dry.matches(wanted).count(),
+            3,
+            "{wanted} in every script:\n{dry}"
+        );
+    }
+
     // One submit: a tokenizer job, a pretraining job after it, an array of 4 trials after that.
-    let o = cluster.xrun(&["submit", FIXTURE, "--slurm", "--set", &out_set(&a)]);
+    let mut args = vec!["submit", FIXTURE, "--slurm"];
+    args.extend_from_slice(&passthrough);
+    args.extend_from_slice(&["--set", &set_a]);
+    let o = cluster.xrun(&args);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("submitted 3 jobs"), "{}", text(&o));
     // A second submit while they run refuses and points at status and --retry-failed.
@@ -382,6 +410,14 @@ fn a_sweep_submitted_to_slurm_merges_to_the_local_results() {
     assert!(text(&o).contains("--retry-failed"), "{}", text(&o));
     cluster.drain(Duration::from_secs(300));
     let run_a = a.join("cluster_tiny");
+    let logs: Vec<PathBuf> = std::fs::read_dir(run_a.join("slurm/logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(logs.len(), 6, "{logs:?}");
+    for log in &logs {
+        assert!(read(log).starts_with("setup-ran\n"), "{}", log.display());
+    }
     let status = text(&cluster.xrun(&["status", FIXTURE, "--set", &out_set(&a)]));
     assert!(status.contains("4 trials: 4 done"), "{status}");
     // Every shared stage ran once, in its own job; the trials reused it.
