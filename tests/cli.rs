@@ -505,6 +505,25 @@ epochs = 1
     assert_eq!(train["name"], "train");
     // Two texts and three special tokens per example: longer than either sentence alone.
     assert!(train["mean_tokens"].as_f64().unwrap() > 25.0, "{train}");
+    // Pairs get segment embeddings (sentence A / B) unless the file turns them off.
+    let d = 16;
+    assert!(
+        summary["model"]["segments"].is_u64(),
+        "{}",
+        summary["model"]
+    );
+    let with = summary["parameters"].as_u64().unwrap();
+    let o = xrun(
+        tmp.path(),
+        &["pairs.toml", "-q", "--set", "model.segments=false"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("pairs/trials/base/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(summary["model"]["segments"].is_null());
+    assert_eq!(with - summary["parameters"].as_u64().unwrap(), 2 * d);
 }
 
 #[test]

@@ -59,6 +59,10 @@ pub struct ModelSection {
     pub dropout: f64,
     #[serde(default = "default_norm")]
     pub norm: NormPlacement,
+    /// Segment (token-type) embeddings, BERT's sentence A / sentence B: `[CLS] a [SEP]` is segment
+    /// 0, `b [SEP]` segment 1. Default: on when `data.train.text_pair` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<bool>,
 }
 
 impl Default for TokenizerSection {
@@ -84,6 +88,7 @@ impl Default for ModelSection {
             max_len: default_max_len(),
             dropout: default_dropout(),
             norm: default_norm(),
+            segments: None,
         }
     }
 }

@@ -66,6 +66,15 @@ pub(super) fn check(
     c.at_least("eval.batch_size", raw.eval.batch_size, 1);
     data(&mut c, &raw, &data_root);
     report(&mut c, &raw);
+    let mut raw = raw;
+    // Segment embeddings: on for sentence pairs unless the file says otherwise. Without pairs
+    // nothing is written out (or hashed), so those files keep their cache keys. Idempotent: every
+    // trial of a sweep is checked again from the resolved document.
+    let pairs = raw.data.train.text_pair.is_some();
+    raw.model.segments = match raw.model.segments.unwrap_or(pairs) {
+        true => Some(true),
+        false => pairs.then_some(false),
+    };
     Some(Experiment {
         file: file.to_path_buf(),
         data_root,

@@ -286,6 +286,7 @@ mod tests {
             dropout: 0.1,
             pre_norm: true,
             causal: false,
+            segments: None,
         };
         let model = Classifier {
             backbone: cfg.init::<CpuTrain>(&device).no_grad(),

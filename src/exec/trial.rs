@@ -208,6 +208,7 @@ fn stages<B: AutodiffBackend>(
         dropout: m.dropout,
         pre_norm: m.norm == crate::config::model::NormPlacement::Pre,
         causal: exp.raw.pretrain.objective == Objective::Ar,
+        segments: (m.segments == Some(true)).then_some(tokenizer.specials.sep),
     };
     summary.parameters = Some(cfg.parameters());
     summary.model = Some(cfg.clone());

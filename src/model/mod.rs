@@ -37,12 +37,19 @@ pub struct BackboneConfig {
     pub pre_norm: bool,
     /// Causal self-attention (an AR backbone keeps it when fine-tuned).
     pub causal: bool,
+    /// Segment embeddings: `Some(sep)` numbers tokens after the first `[SEP]` (id `sep`) segment 1.
+    #[serde(default)]
+    pub segments: Option<u32>,
 }
 
 #[derive(Module, Debug)]
 pub struct Backbone<B: Backend> {
     pub tokens: Embedding<B>,
     pub positions: Embedding<B>,
+    /// Sentence A / sentence B embeddings, for text pairs.
+    pub segments: Option<Embedding<B>>,
+    /// The `[SEP]` id that ends sentence A (meaningful with `segments`).
+    pub sep: u32,
     /// Post-norm (BERT) normalises the embeddings; pre-norm (GPT-2) normalises the output instead.
     pub embed_norm: Option<LayerNorm<B>>,
     pub blocks: Vec<Block<B>>,
@@ -69,6 +76,12 @@ impl BackboneConfig {
             positions: EmbeddingConfig::new(self.max_len, self.d_model)
                 .with_initializer(INIT)
                 .init(device),
+            segments: self.segments.map(|_| {
+                EmbeddingConfig::new(2, self.d_model)
+                    .with_initializer(INIT)
+                    .init(device)
+            }),
+            sep: self.segments.unwrap_or(0),
             embed_norm: (!self.pre_norm).then(norm),
             blocks: (0..self.layers).map(|_| block.init(device)).collect(),
             final_norm: self.pre_norm.then(norm),
@@ -83,7 +96,8 @@ impl BackboneConfig {
         let (d, f) = (self.d_model, self.d_ff);
         let norm = 2 * d;
         let block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * norm;
-        (self.vocab_size + self.max_len) * d + self.layers * block + norm
+        let segments = if self.segments.is_some() { 2 } else { 0 };
+        (self.vocab_size + self.max_len + segments) * d + self.layers * block + norm
     }
 }
 
@@ -95,7 +109,11 @@ impl<B: Backend> Backbone<B> {
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
             .reshape([1, seq])
             .repeat_dim(0, batch);
-        let mut x = self.tokens.forward(ids) + self.positions.forward(positions);
+        let mut x = self.positions.forward(positions);
+        if let Some(segments) = &self.segments {
+            x = x + segments.forward(segment_ids(ids.clone(), self.sep));
+        }
+        x = self.tokens.forward(ids) + x;
         if let Some(norm) = &self.embed_norm {
             x = norm.forward(x);
         }
@@ -112,6 +130,12 @@ impl<B: Backend> Backbone<B> {
             None => x,
         }
     }
+}
+
+/// 0 up to and including the first `[SEP]`, 1 after it: `[CLS] a [SEP]` → 0, `b [SEP]` → 1.
+pub fn segment_ids<B: Backend>(ids: Tensor<B, 2, Int>, sep: u32) -> Tensor<B, 2, Int> {
+    let is_sep = ids.equal_elem(sep as i64).int();
+    (is_sep.clone().cumsum(1) - is_sep).clamp_max(1)
 }
 
 #[cfg(test)]
@@ -147,7 +171,24 @@ mod tests {
             dropout: 0.0,
             pre_norm: true,
             causal,
+            segments: None,
         }
+    }
+
+    #[test]
+    fn segments_number_sentence_b_from_the_first_sep() {
+        let device = Default::default();
+        let ids = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![2, 10, 11, 3, 20, 21, 3, 2, 10, 3, 0, 0, 0, 0], [2, 7]),
+            &device,
+        );
+        let seg: Vec<i64> = segment_ids(ids, 3)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        // Row 2 is one text: its padding after [SEP] counts as 1, and is masked anyway.
+        assert_eq!(seg, [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1]);
     }
 
     fn run(model: &Backbone<Flex>, ids: Vec<i32>) -> Vec<f32> {
