@@ -1147,7 +1147,7 @@ fn label_efficiency_is_a_sweep_axis() {
 }
 
 #[test]
-fn a_linear_probe_trains_only_the_head_and_says_so() {
+fn each_fine_tuning_method_trains_its_own_share_and_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("fewclue_tiny");
     let o = sweep(
@@ -1159,34 +1159,67 @@ fn a_linear_probe_trains_only_the_head_and_says_so() {
             "--set",
             "sweep.grid.pretrain.objective=[\"mlm\"]",
             "--set",
-            "sweep.grid.finetune.method=[\"full\", \"linear_probe\"]",
+            "sweep.grid.finetune.method=[\"full\", \"linear_probe\", \"lora\", \"adapter\", \"prefix\"]",
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let counts = |id: &str| -> (u64, u64) {
-        let s: serde_json::Value = serde_json::from_str(
+    let summary = |method: &str| -> serde_json::Value {
+        let id = format!("method={method}_objective=mlm_split=1");
+        serde_json::from_str(
             &std::fs::read_to_string(run.join("trials").join(id).join("summary.json")).unwrap(),
         )
-        .unwrap();
-        let t = &s["trainable_parameters"];
+        .unwrap()
+    };
+    let counts = |method: &str| -> (u64, u64) {
+        let t = &summary(method)["trainable_parameters"];
         (t[0].as_u64().unwrap(), t[1].as_u64().unwrap())
     };
-    let full = counts("method=full_objective=mlm_split=1");
-    let probe = counts("method=linear_probe_objective=mlm_split=1");
+    let full = counts("full");
     assert_eq!(full.0, full.1, "full fine-tuning trains everything");
-    assert_eq!(
-        probe,
-        (32 * 2 + 2, full.1),
-        "a d_model 32 head over 2 labels"
-    );
-    let html = std::fs::read_to_string(
-        run.join("trials/method=linear_probe_objective=mlm_split=1/index.html"),
-    )
-    .unwrap();
-    assert!(
-        html.contains("Fine-tuning method: <strong>linear_probe</strong>, 66 of"),
-        "report"
-    );
+    // d_model 32, one layer, 2 labels: the head is 32·2 + 2.
+    let head = 32 * 2 + 2;
+    let expected = [
+        ("linear_probe", head),
+        // rank 8 on query and value (the defaults)
+        ("lora", head + 2 * (32 * 8 + 8 * 32)),
+        // two adapters of the default width 64
+        ("adapter", head + 2 * (32 * 64 + 64 + 64 * 32 + 32)),
+        // 16 prefix keys and 16 values of width 32
+        ("prefix", head + 2 * 16 * 32),
+    ];
+    for (method, trained) in expected {
+        let (t, total) = counts(method);
+        assert_eq!(t, trained, "{method}");
+        // The added parts count in the total; the backbone is the same.
+        assert_eq!(total - trained, full.1 - head, "{method}");
+        let html = std::fs::read_to_string(run.join(format!(
+            "trials/method={method}_objective=mlm_split=1/index.html"
+        )))
+        .unwrap();
+        assert!(
+            html.contains(&format!(
+                "Fine-tuning method: <strong>{method}</strong>, {trained} of"
+            )),
+            "{method} report"
+        );
+        assert!(summary(method)["scores"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty()));
+    }
+    // The methods learn different things from the same pretraining.
+    let rows = read_csv(&run.join("results.csv"));
+    let dev: Vec<f64> = ["full", "linear_probe", "lora", "adapter", "prefix"]
+        .iter()
+        .map(|m| {
+            result_of(
+                &rows,
+                &format!("method={m}_objective=mlm_split=1"),
+                "dev",
+                "accuracy",
+            )
+        })
+        .collect();
+    assert!(dev.iter().all(|a| (0.0..=1.0).contains(a)), "{dev:?}");
 }
 
 #[test]

@@ -137,6 +137,111 @@ pub enum Method {
     Full,
     /// The classification head only; the (pretrained) backbone stays frozen.
     LinearProbe,
+    /// Low-rank updates of chosen projections (`[finetune.lora]`) and the head; backbone frozen.
+    Lora,
+    /// Bottleneck adapters in every layer (`[finetune.adapter]`) and the head; backbone frozen.
+    Adapter,
+    /// Learned key/value prefixes in every layer (`[finetune.prefix]`) and the head; backbone frozen.
+    Prefix,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::LinearProbe => "linear_probe",
+            Method::Lora => "lora",
+            Method::Adapter => "adapter",
+            Method::Prefix => "prefix",
+        }
+    }
+}
+
+/// A projection LoRA can update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraTarget {
+    Query,
+    Key,
+    Value,
+    Output,
+    /// The feed-forward network's first projection.
+    Up,
+    /// The feed-forward network's second projection.
+    Down,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "default_lora_rank")]
+    pub rank: usize,
+    /// The update is scaled by alpha / rank.
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_lora_targets")]
+    pub targets: Vec<LoraTarget>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            rank: default_lora_rank(),
+            alpha: default_lora_alpha(),
+            dropout: 0.0,
+            targets: default_lora_targets(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// Bottleneck width.
+    #[serde(default = "default_adapter_size")]
+    pub size: usize,
+}
+
+impl Default for AdapterSection {
+    fn default() -> Self {
+        Self {
+            size: default_adapter_size(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixSection {
+    /// Prefix keys and values per layer.
+    #[serde(default = "default_prefix_length")]
+    pub length: usize,
+}
+
+impl Default for PrefixSection {
+    fn default() -> Self {
+        Self {
+            length: default_prefix_length(),
+        }
+    }
+}
+
+fn default_lora_rank() -> usize {
+    8
+}
+fn default_lora_alpha() -> f64 {
+    16.0
+}
+fn default_lora_targets() -> Vec<LoraTarget> {
+    vec![LoraTarget::Query, LoraTarget::Value]
+}
+fn default_adapter_size() -> usize {
+    64
+}
+fn default_prefix_length() -> usize {
+    16
 }
 
 impl Method {
@@ -164,6 +269,13 @@ pub struct FinetuneSection {
     pub pooling: Pooling,
     #[serde(default)]
     pub optim: OptimSection,
+    /// `method = "lora"` settings (defaults when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<PrefixSection>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -198,6 +310,9 @@ impl Default for FinetuneSection {
             select_metric: default_select(),
             pooling: default_pooling(),
             optim: OptimSection::default(),
+            lora: None,
+            adapter: None,
+            prefix: None,
         }
     }
 }

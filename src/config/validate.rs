@@ -61,6 +61,7 @@ pub(super) fn check(
     pretrain(&mut c, &raw);
     optim(&mut c, "pretrain.optim", &raw.pretrain.optim);
     optim(&mut c, "finetune.optim", &raw.finetune.optim);
+    method(&mut c, &raw);
     c.at_least("finetune.epochs", raw.finetune.epochs, 1);
     c.at_least("finetune.batch_size", raw.finetune.batch_size, 1);
     c.at_least("eval.batch_size", raw.eval.batch_size, 1);
@@ -213,6 +214,64 @@ fn optim(c: &mut Checker, section: &str, o: &OptimSection) {
     }
     if let Some(clip) = o.clip_norm {
         c.in_range(&key("clip_norm"), clip, 0.0, f64::MAX, false);
+    }
+}
+
+/// A method's settings are checked, and settings for another method than the one chosen are an
+/// error rather than silently ignored.
+fn method(c: &mut Checker, raw: &RawDoc) {
+    let f = &raw.finetune;
+    let chosen = f.method.name();
+    let sections = [
+        ("lora", f.lora.is_some()),
+        ("adapter", f.adapter.is_some()),
+        ("prefix", f.prefix.is_some()),
+    ];
+    for (name, present) in sections {
+        if present && chosen != name {
+            c.fail(&format!("finetune.{name}"), format!(
+                "[finetune.{name}] is set but finetune.method = \"{chosen}\": set method = \"{name}\" or remove the section"
+            ));
+        }
+    }
+    if let Some(l) = &f.lora {
+        c.at_least("finetune.lora.rank", l.rank, 1);
+        c.require(l.rank <= raw.model.d_model, "finetune.lora.rank", || {
+            format!(
+                "`finetune.lora.rank` ({}) must not exceed model.d_model ({})",
+                l.rank, raw.model.d_model
+            )
+        });
+        c.in_range(
+            "finetune.lora.alpha",
+            l.alpha,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            false,
+        );
+        c.in_range("finetune.lora.dropout", l.dropout, 0.0, 1.0, true);
+        c.require(!l.targets.is_empty(), "finetune.lora.targets", || {
+            "`finetune.lora.targets` names no projection: use some of query, key, value, output, up, down".into()
+        });
+        let mut seen = Vec::new();
+        for t in &l.targets {
+            if seen.contains(t) {
+                c.fail(
+                    "finetune.lora.targets",
+                    format!(
+                        "`finetune.lora.targets` names `{}` twice",
+                        format!("{t:?}").to_lowercase()
+                    ),
+                );
+            }
+            seen.push(*t);
+        }
+    }
+    if let Some(a) = &f.adapter {
+        c.at_least("finetune.adapter.size", a.size, 1);
+    }
+    if let Some(p) = &f.prefix {
+        c.at_least("finetune.prefix.length", p.length, 1);
     }
 }
 

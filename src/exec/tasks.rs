@@ -252,31 +252,33 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::train::OptimSection;
+    use crate::config::train::{Method, OptimSection};
     use crate::metrics::Store;
     use crate::model::{BackboneConfig, ClassifierHead};
     use crate::train::backend::CpuTrain;
     use crate::train::{fit, parameter_counts, Budget, Progress};
     use burn::module::{Module, ModuleVisitor, Param};
 
-    /// Every float parameter of a module, flattened in visiting order.
-    fn values<M: Module<CpuTrain>>(m: &M) -> Vec<f32> {
-        struct Collect(Vec<f32>);
-        impl ModuleVisitor<CpuTrain> for Collect {
-            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<CpuTrain, D>>) {
+    /// Every float parameter of a module by id: ids survive training, so frozen and trained
+    /// parameters can be told apart afterwards.
+    fn values<B: burn::tensor::backend::Backend, M: Module<B>>(
+        m: &M,
+    ) -> std::collections::BTreeMap<String, Vec<f32>> {
+        struct Collect(std::collections::BTreeMap<String, Vec<f32>>);
+        impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Collect {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
                 let data = p.val().into_data().convert::<f32>();
-                self.0.extend(data.iter::<f32>());
+                self.0
+                    .insert(p.id.to_string(), data.iter::<f32>().collect());
             }
         }
-        let mut c = Collect(Vec::new());
+        let mut c = Collect(Default::default());
         m.visit(&mut c);
         c.0
     }
 
-    #[test]
-    fn a_linear_probe_trains_the_head_alone() {
-        let device = Default::default();
-        let cfg = BackboneConfig {
+    fn tiny() -> BackboneConfig {
+        BackboneConfig {
             vocab_size: 40,
             d_model: 16,
             layers: 1,
@@ -287,16 +289,31 @@ mod tests {
             pre_norm: true,
             causal: false,
             segments: None,
+        }
+    }
+
+    /// Trains a classifier with `method` for a few steps; returns the backbone's own parameters
+    /// before and after, every parameter after, and the trainable count.
+    fn train_with(method: Method) -> (Values, Values, Values, usize) {
+        let device = Default::default();
+        let cfg = tiny();
+        let base = cfg.init::<CpuTrain>(&device);
+        let before = values(&base);
+        let backbone = match method {
+            Method::Full => base,
+            Method::LinearProbe => base.no_grad(),
+            Method::Lora => base.no_grad().with_lora(&Default::default(), &device),
+            Method::Adapter => base.no_grad().with_adapters(4, &device),
+            Method::Prefix => base.no_grad().with_prefix(3, &device),
         };
         let model = Classifier {
-            backbone: cfg.init::<CpuTrain>(&device).no_grad(),
+            backbone,
             head: ClassifierHead::new(16, 3, 0.1, &device),
         };
         let (trainable, total) = parameter_counts::<CpuTrain, _>(&model);
-        assert_eq!(trainable, 16 * 3 + 3, "the head's weight and bias");
-        assert_eq!(total, cfg.parameters() + trainable);
-        let (backbone0, head0) = (values(&model.backbone), values(&model.head));
-
+        assert_eq!(total, values(&model).values().map(Vec::len).sum::<usize>());
+        let head_before = values(&model.head);
+        let all_before = values(&model);
         let train = Labelled {
             ids: (0..24u32)
                 .map(|i| vec![2, 5 + i % 30, 6 + i % 7, 3])
@@ -337,11 +354,83 @@ mod tests {
             None,
         )
         .expect("trains");
-        let backbone1 = {
-            let m = Classifier::<CpuTrain>::from_inner(fitted.model);
-            (values(&m.backbone), values(&m.head))
+        let after = values(&fitted.model);
+        let head_after = values(&fitted.model.head);
+        assert_ne!(head_after, head_before, "the head trains");
+        for (k, v) in &after {
+            if !before.contains_key(k) {
+                assert_ne!(
+                    *v, all_before[k],
+                    "{method:?}: an added parameter did not train"
+                );
+            }
+        }
+        let own_after = before
+            .keys()
+            .map(|k| (k.clone(), after[k].clone()))
+            .collect();
+        (before, own_after, after, trainable)
+    }
+
+    type Values = std::collections::BTreeMap<String, Vec<f32>>;
+
+    /// AdamW keeps moments for the parameters that get gradients only: a LoRA model's optimiser
+    /// state covers the LoRA matrices and the head, not the frozen backbone.
+    #[test]
+    fn optimiser_state_exists_only_for_trainable_parameters() {
+        use burn::optim::{GradientsParams, Optimizer};
+        use burn::tensor::{Int, TensorData};
+        let device = Default::default();
+        let model = Classifier {
+            backbone: tiny()
+                .init::<CpuTrain>(&device)
+                .no_grad()
+                .with_lora(&Default::default(), &device),
+            head: ClassifierHead::new(16, 3, 0.0, &device),
         };
-        assert_eq!(backbone1.0, backbone0, "frozen parameters must not change");
-        assert_ne!(backbone1.1, head0, "the head trains");
+        let ids = Tensor::<CpuTrain, 2, Int>::from_data(
+            TensorData::new(vec![2, 5, 6, 3, 2, 7, 8, 3], [2, 4]),
+            &device,
+        );
+        let pad = ids.clone().equal_elem(0);
+        let loss = model.forward(ids, pad, Pool::First).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut optim = crate::train::adamw(&OptimSection::default().resolve(1e-3)).init();
+        let model = optim.step(1e-3, model, grads);
+        // Query and value LoRA (A and B each) in one layer, the head's weight and bias.
+        assert_eq!(optim.to_record().len(), 2 * 2 + 2);
+        let _ = model;
+    }
+
+    #[test]
+    fn frozen_parameters_stay_frozen_and_added_ones_train() {
+        let head = 16 * 3 + 3;
+        let (d, layers) = (16, 1);
+        let cases = [
+            (Method::LinearProbe, head),
+            // rank 8 on query and value: (d·8 + 8·d) each.
+            (Method::Lora, head + layers * 2 * (d * 8 + 8 * d)),
+            // two adapters of width 4: d·4 + 4 + 4·d + d each.
+            (Method::Adapter, head + layers * 2 * (d * 4 + 4 + 4 * d + d)),
+            // 3 prefix keys and values of width d.
+            (Method::Prefix, head + layers * 2 * 3 * d),
+        ];
+        for (method, expected) in cases {
+            let (before, own_after, after, trainable) = train_with(method);
+            assert_eq!(trainable, expected, "{method:?}");
+            assert_eq!(
+                own_after, before,
+                "{method:?}: frozen parameters must not change"
+            );
+            let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+            assert_eq!(
+                added.iter().map(|k| after[*k].len()).sum::<usize>(),
+                expected,
+                "{method:?}: what was added is what trains (and the head)"
+            );
+        }
+        let (before, own_after, _, trainable) = train_with(Method::Full);
+        assert_eq!(trainable, tiny().parameters() + head);
+        assert_ne!(own_after, before, "full fine-tuning changes the backbone");
     }
 }

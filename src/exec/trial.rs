@@ -625,9 +625,21 @@ fn finetune_stage<B: AutodiffBackend>(
     };
     let classes = data.labels.len();
     let backbone = Backbone::<B>::from_inner(backbone);
+    // The parts a parameter-efficient method adds are created after freezing, so they train.
     let backbone = match f.method {
         Method::Full => backbone,
         Method::LinearProbe => backbone.no_grad(),
+        Method::Lora => backbone
+            .no_grad()
+            .with_lora(&f.lora.clone().unwrap_or_default(), &device),
+        Method::Adapter => {
+            let size = f.adapter.clone().unwrap_or_default().size;
+            backbone.no_grad().with_adapters(size, &device)
+        }
+        Method::Prefix => {
+            let length = f.prefix.clone().unwrap_or_default().length;
+            backbone.no_grad().with_prefix(length, &device)
+        }
     };
     let model = Classifier {
         backbone,

@@ -7,8 +7,9 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use super::peft::{project, Adapter, Lora, Prefix};
 use super::INIT;
 
 pub struct BlockConfig {
@@ -27,12 +28,21 @@ pub struct SelfAttention<B: Backend> {
     pub value: Linear<B>,
     pub output: Linear<B>,
     pub heads: usize,
+    /// LoRA updates of the projections (`finetune.method = "lora"`).
+    pub lora_query: Option<Lora<B>>,
+    pub lora_key: Option<Lora<B>>,
+    pub lora_value: Option<Lora<B>>,
+    pub lora_output: Option<Lora<B>>,
+    /// Learned key/value prefixes (`finetune.method = "prefix"`).
+    pub prefix: Option<Prefix<B>>,
 }
 
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
     pub up: Linear<B>,
     pub down: Linear<B>,
+    pub lora_up: Option<Lora<B>>,
+    pub lora_down: Option<Lora<B>>,
 }
 
 #[derive(Module, Debug)]
@@ -43,6 +53,10 @@ pub struct Block<B: Backend> {
     pub norm_feed_forward: LayerNorm<B>,
     pub dropout: Dropout,
     pub pre_norm: bool,
+    /// Bottleneck adapters after attention and after the feed-forward network
+    /// (`finetune.method = "adapter"`).
+    pub adapter_attention: Option<Adapter<B>>,
+    pub adapter_feed_forward: Option<Adapter<B>>,
 }
 
 fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
@@ -61,61 +75,136 @@ impl BlockConfig {
                 value: linear(d, d, device),
                 output: linear(d, d, device),
                 heads: self.heads,
+                lora_query: None,
+                lora_key: None,
+                lora_value: None,
+                lora_output: None,
+                prefix: None,
             },
             feed_forward: FeedForward {
                 up: linear(d, self.d_ff, device),
                 down: linear(self.d_ff, d, device),
+                lora_up: None,
+                lora_down: None,
             },
             norm_attention: LayerNormConfig::new(d).init(device),
             norm_feed_forward: LayerNormConfig::new(d).init(device),
             dropout: DropoutConfig::new(self.dropout).init(),
             pre_norm: self.pre_norm,
+            adapter_attention: None,
+            adapter_feed_forward: None,
         }
     }
 }
 
 impl<B: Backend> SelfAttention<B> {
-    /// `x`: `[batch, seq, d_model]`; `mask`: `[batch, heads, seq, seq]`, true where a key is hidden.
     pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4, Bool>, causal: bool) -> Tensor<B, 3> {
         let [batch, seq, d_model] = x.dims();
         let d_head = d_model / self.heads;
-        // [batch, seq, d_model] → [batch, heads, seq, d_head]
         let split = |y: Tensor<B, 3>| y.reshape([batch, seq, self.heads, d_head]).swap_dims(1, 2);
-        let q = split(self.query.forward(x.clone()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x));
+        let q = split(project(&self.query, &self.lora_query, x.clone()));
+        let k = split(project(&self.key, &self.lora_key, x.clone()));
+        let v = split(project(&self.value, &self.lora_value, x));
+        let (k, v, mask, causal) = match &self.prefix {
+            None => (k, v, mask, causal),
+            Some(p) => {
+                let (pk, pv) = p.heads(batch, self.heads);
+                let mask = prefix_mask(mask, p.length(), causal);
+                (
+                    Tensor::cat(vec![pk, k], 2),
+                    Tensor::cat(vec![pv, v], 2),
+                    mask,
+                    false,
+                )
+            }
+        };
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
             is_causal: causal,
         };
         let context = attention(q, k, v, Some(mask), None, options);
-        // [batch, heads, seq, d_head] → [batch, seq, d_model]
         let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        self.output.forward(context)
+        project(&self.output, &self.lora_output, context)
     }
+}
+
+/// The attention mask with `length` prefix keys in front, which every query sees; the causal
+/// part is spelled out, since the keys no longer line up with the queries.
+fn prefix_mask<B: Backend>(
+    mask: Tensor<B, 4, Bool>,
+    length: usize,
+    causal: bool,
+) -> Tensor<B, 4, Bool> {
+    let [batch, heads, seq, _] = mask.dims();
+    let device = mask.device();
+    let visible = Tensor::<B, 4, Int>::zeros([batch, heads, seq, length], &device).equal_elem(1);
+    let mask = Tensor::cat(vec![visible, mask], 3);
+    if !causal {
+        return mask;
+    }
+    let width = length + seq;
+    let future: Vec<bool> = (0..seq)
+        .flat_map(|i| (0..width).map(move |j| j >= length && j - length > i))
+        .collect();
+    let future = Tensor::<B, 2, Bool>::from_data(TensorData::new(future, [seq, width]), &device)
+        .reshape([1, 1, seq, width])
+        .expand([batch, heads, seq, width]);
+    mask.bool_or(future)
 }
 
 impl<B: Backend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down.forward(gelu(self.up.forward(x)))
+        let h = gelu(project(&self.up, &self.lora_up, x));
+        project(&self.down, &self.lora_down, h)
     }
 }
 
 impl<B: Backend> Block<B> {
     pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4, Bool>, causal: bool) -> Tensor<B, 3> {
+        let adapt = |adapter: &Option<Adapter<B>>, h: Tensor<B, 3>| match adapter {
+            Some(a) => a.forward(h),
+            None => h,
+        };
         if self.pre_norm {
             let h = self.norm_attention.forward(x.clone());
-            let x = x + self
-                .dropout
-                .forward(self.attention.forward(h, mask, causal));
+            let a = adapt(
+                &self.adapter_attention,
+                self.attention.forward(h, mask, causal),
+            );
+            let x = x + self.dropout.forward(a);
             let h = self.norm_feed_forward.forward(x.clone());
-            x.clone() + self.dropout.forward(self.feed_forward.forward(h))
+            let f = adapt(&self.adapter_feed_forward, self.feed_forward.forward(h));
+            x.clone() + self.dropout.forward(f)
         } else {
-            let a = self.attention.forward(x.clone(), mask, causal);
+            let a = adapt(
+                &self.adapter_attention,
+                self.attention.forward(x.clone(), mask, causal),
+            );
             let x = self.norm_attention.forward(x + self.dropout.forward(a));
-            let f = self.feed_forward.forward(x.clone());
+            let f = adapt(
+                &self.adapter_feed_forward,
+                self.feed_forward.forward(x.clone()),
+            );
             self.norm_feed_forward.forward(x + self.dropout.forward(f))
         }
+    }
+
+    /// Folds every LoRA update into its projection: the same function, plain `Linear`s.
+    pub fn merge_lora(mut self) -> Self {
+        let fold = |linear: &mut Linear<B>, lora: &mut Option<Lora<B>>| {
+            if let Some(l) = lora.take() {
+                *linear = l.merge(linear.clone());
+            }
+        };
+        let a = &mut self.attention;
+        fold(&mut a.query, &mut a.lora_query);
+        fold(&mut a.key, &mut a.lora_key);
+        fold(&mut a.value, &mut a.lora_value);
+        fold(&mut a.output, &mut a.lora_output);
+        let f = &mut self.feed_forward;
+        fold(&mut f.up, &mut f.lora_up);
+        fold(&mut f.down, &mut f.lora_down);
+        self
     }
 }

@@ -8,6 +8,7 @@
 
 mod block;
 mod heads;
+pub mod peft;
 
 use burn::module::Module;
 use burn::nn::{
@@ -132,6 +133,70 @@ impl<B: Backend> Backbone<B> {
     }
 }
 
+impl<B: Backend> Backbone<B> {
+    /// Adds LoRA updates to the `targets` projections of every layer.
+    pub fn with_lora(
+        mut self,
+        lora: &crate::config::train::LoraSection,
+        device: &B::Device,
+    ) -> Self {
+        use crate::config::train::LoraTarget as T;
+        use peft::Lora;
+        for block in &mut self.blocks {
+            let d = block.attention.query.weight.dims()[0];
+            let f = block.feed_forward.up.weight.dims()[1];
+            let make = |d_in, d_out| {
+                Some(Lora::new(
+                    d_in,
+                    d_out,
+                    lora.rank,
+                    lora.alpha,
+                    lora.dropout,
+                    device,
+                ))
+            };
+            for t in &lora.targets {
+                let (a, ff) = (&mut block.attention, &mut block.feed_forward);
+                match t {
+                    T::Query => a.lora_query = make(d, d),
+                    T::Key => a.lora_key = make(d, d),
+                    T::Value => a.lora_value = make(d, d),
+                    T::Output => a.lora_output = make(d, d),
+                    T::Up => ff.lora_up = make(d, f),
+                    T::Down => ff.lora_down = make(f, d),
+                }
+            }
+        }
+        self
+    }
+
+    /// Adds a bottleneck adapter of width `size` after attention and after the feed-forward
+    /// network of every layer.
+    pub fn with_adapters(mut self, size: usize, device: &B::Device) -> Self {
+        for block in &mut self.blocks {
+            let d = block.attention.query.weight.dims()[0];
+            block.adapter_attention = Some(peft::Adapter::new(d, size, device));
+            block.adapter_feed_forward = Some(peft::Adapter::new(d, size, device));
+        }
+        self
+    }
+
+    /// Adds `length` learned key/value prefixes to every layer's attention.
+    pub fn with_prefix(mut self, length: usize, device: &B::Device) -> Self {
+        for block in &mut self.blocks {
+            let d = block.attention.query.weight.dims()[0];
+            block.attention.prefix = Some(peft::Prefix::new(length, d, device));
+        }
+        self
+    }
+
+    /// Folds every LoRA update into its projection's weight.
+    pub fn merge_lora(mut self) -> Self {
+        self.blocks = self.blocks.into_iter().map(Block::merge_lora).collect();
+        self
+    }
+}
+
 /// 0 up to and including the first `[SEP]`, 1 after it: `[CLS] a [SEP]` → 0, `b [SEP]` → 1.
 pub fn segment_ids<B: Backend>(ids: Tensor<B, 2, Int>, sep: u32) -> Tensor<B, 2, Int> {
     let is_sep = ids.equal_elem(sep as i64).int();
@@ -173,6 +238,100 @@ mod tests {
             causal,
             segments: None,
         }
+    }
+
+    fn lora_everywhere() -> crate::config::train::LoraSection {
+        use crate::config::train::LoraTarget as T;
+        crate::config::train::LoraSection {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec![T::Query, T::Key, T::Value, T::Output, T::Up, T::Down],
+        }
+    }
+
+    /// LoRA and adapters start as the identity: the backbone's function is unchanged.
+    #[test]
+    fn lora_and_adapters_start_where_the_backbone_is() {
+        let device = Default::default();
+        Flex::seed(&device, 9);
+        let base = config(false).init::<Flex>(&device);
+        let ids = vec![2, 10, 11, 12, 3];
+        let plain = run(&base, ids.clone());
+        let lora = run(
+            &base.clone().with_lora(&lora_everywhere(), &device),
+            ids.clone(),
+        );
+        let adapted = run(&base.with_adapters(5, &device), ids);
+        assert_eq!(plain, lora);
+        assert_eq!(plain, adapted);
+    }
+
+    /// Merged LoRA weights give the same outputs as the separate low-rank updates.
+    #[test]
+    fn merged_lora_predicts_like_unmerged_lora() {
+        let device = Default::default();
+        Flex::seed(&device, 4);
+        for causal in [false, true] {
+            let mut model = config(causal)
+                .init::<Flex>(&device)
+                .with_lora(&lora_everywhere(), &device);
+            // Trained updates are not zero: give every B random values.
+            for block in &mut model.blocks {
+                let a = &mut block.attention;
+                let f = &mut block.feed_forward;
+                for l in [
+                    &mut a.lora_query,
+                    &mut a.lora_key,
+                    &mut a.lora_value,
+                    &mut a.lora_output,
+                    &mut f.lora_up,
+                    &mut f.lora_down,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    let dims = l.b.dims();
+                    l.b = burn::module::Param::from_tensor(Tensor::random(
+                        dims,
+                        burn::tensor::Distribution::Normal(0.0, 0.2),
+                        &device,
+                    ));
+                }
+            }
+            let ids = vec![2, 10, 11, 12, 13, 14, 3];
+            let unmerged = run(&model, ids.clone());
+            let plain = run(&config(causal).init::<Flex>(&device), ids.clone());
+            let merged_model = model.merge_lora();
+            assert!(merged_model.blocks[0].attention.lora_query.is_none());
+            let merged = run(&merged_model, ids);
+            let max = unmerged
+                .iter()
+                .zip(&merged)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(max < 1e-5, "merged and unmerged differ by {max}");
+            assert_ne!(unmerged, plain, "the updates are not zero");
+        }
+    }
+
+    /// Prefixes are seen by every position, and a causal backbone stays causal with them.
+    #[test]
+    fn prefixes_keep_causal_attention_causal() {
+        let device = Default::default();
+        Flex::seed(&device, 6);
+        let base = config(true).init::<Flex>(&device);
+        let with = base.clone().with_prefix(3, &device);
+        let a = run(&with, vec![2, 10, 11, 12, 13, 3]);
+        let b = run(&with, vec![2, 10, 11, 40, 41, 3]);
+        let d = 16;
+        assert_eq!(a[..3 * d], b[..3 * d], "positions before the change moved");
+        assert_ne!(a[3 * d..4 * d], b[3 * d..4 * d]);
+        assert_ne!(
+            a,
+            run(&base, vec![2, 10, 11, 12, 13, 3]),
+            "the prefix is attended to"
+        );
     }
 
     #[test]

@@ -121,10 +121,7 @@ impl RunSummary {
             parameters: None,
             trainable_parameters: None,
             status: None,
-            method: match exp.raw.finetune.method {
-                crate::config::train::Method::Full => "full".into(),
-                crate::config::train::Method::LinearProbe => "linear_probe".into(),
-            },
+            method: exp.raw.finetune.method.name().into(),
             objective: exp.raw.pretrain.objective.name().to_string(),
             scores: Vec::new(),
             stage_times: Vec::new(),
