@@ -1223,6 +1223,65 @@ fn each_fine_tuning_method_trains_its_own_share_and_says_so() {
 }
 
 #[test]
+fn zero_shot_scores_every_label_through_the_prompt_without_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("fewclue_tiny");
+    let prompt = "finetune.prompt={template=\"感觉很{label}。{text}\", verbalizer={Positive=\"好\", Negative=\"差\"}}";
+    let args = [
+        "--set",
+        "sweep.split=[1]",
+        "--set",
+        "sweep.grid.pretrain.objective=[\"none\", \"mlm\", \"ar\"]",
+        "--set",
+        "finetune.method=\"zero_shot\"",
+        "--set",
+        prompt,
+    ];
+    let o = sweep(tmp.path(), "fewclue", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = read_csv(&run.join("results.csv"));
+    for objective in ["none", "mlm", "ar"] {
+        let id = format!("objective={objective}_split=1");
+        let s: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("trials").join(&id).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(s["trainable_parameters"][0], 0, "{id}: nothing is trained");
+        assert_eq!(s["method"], "zero_shot");
+        // No fine-tuning records: the stage only scored dev and test.
+        assert!(records(&run.join("trials").join(&id), "finetune", "train", "loss").is_empty());
+        for split in ["dev", "test"] {
+            let a = result_of(&rows, &id, split, "accuracy");
+            assert!((0.0..=1.0).contains(&a), "{id} {split} {a}");
+        }
+    }
+    assert!(std::fs::read_to_string(run.join("tables/fewclue.md"))
+        .unwrap()
+        .contains("| mlm |"));
+    // A label without a word is an input error that names it.
+    let o = sweep(
+        tmp.path(),
+        "fewclue",
+        &[
+            "--set",
+            "sweep.split=[1]",
+            "--set",
+            "sweep.grid.pretrain.objective=[\"mlm\"]",
+            "--set",
+            "finetune.method=\"zero_shot\"",
+            "--set",
+            "finetune.prompt={template=\"{label}{text}\", verbalizer={Positive=\"好\"}}",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no word for the label `Negative`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn shards_running_side_by_side_merge_to_the_whole_runs_results() {
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();

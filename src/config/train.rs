@@ -143,6 +143,8 @@ pub enum Method {
     Adapter,
     /// Learned key/value prefixes in every layer (`[finetune.prefix]`) and the head; backbone frozen.
     Prefix,
+    /// No training: each label scored by its verbalizer in a template (`[finetune.prompt]`).
+    ZeroShot,
 }
 
 impl Method {
@@ -153,6 +155,7 @@ impl Method {
             Method::Lora => "lora",
             Method::Adapter => "adapter",
             Method::Prefix => "prefix",
+            Method::ZeroShot => "zero_shot",
         }
     }
 }
@@ -228,6 +231,16 @@ impl Default for PrefixSection {
     }
 }
 
+/// A cloze template and a word per label, for `method = "zero_shot"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSection {
+    /// Text with the slots `{text}`, `{label}` (each once) and optionally `{text_pair}`.
+    pub template: String,
+    /// Label name → the word that stands for it in the `{label}` slot.
+    pub verbalizer: std::collections::BTreeMap<String, String>,
+}
+
 fn default_lora_rank() -> usize {
     8
 }
@@ -276,6 +289,8 @@ pub struct FinetuneSection {
     pub adapter: Option<AdapterSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<PrefixSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<PromptSection>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -313,6 +328,7 @@ impl Default for FinetuneSection {
             lora: None,
             adapter: None,
             prefix: None,
+            prompt: None,
         }
     }
 }

@@ -226,11 +226,13 @@ fn method(c: &mut Checker, raw: &RawDoc) {
         ("lora", f.lora.is_some()),
         ("adapter", f.adapter.is_some()),
         ("prefix", f.prefix.is_some()),
+        ("prompt", f.prompt.is_some()),
     ];
     for (name, present) in sections {
-        if present && chosen != name {
+        let wants = if name == "prompt" { "zero_shot" } else { name };
+        if present && chosen != wants {
             c.fail(&format!("finetune.{name}"), format!(
-                "[finetune.{name}] is set but finetune.method = \"{chosen}\": set method = \"{name}\" or remove the section"
+                "[finetune.{name}] is set but finetune.method = \"{chosen}\": set method = \"{wants}\" or remove the section"
             ));
         }
     }
@@ -266,6 +268,23 @@ fn method(c: &mut Checker, raw: &RawDoc) {
             }
             seen.push(*t);
         }
+    }
+    if f.method == crate::config::train::Method::ZeroShot && f.prompt.is_none() {
+        c.fail(
+            "finetune.method",
+            "finetune.method = \"zero_shot\" needs [finetune.prompt] with a template and a verbalizer".into(),
+        );
+    }
+    if let Some(p) = &f.prompt {
+        for slot in ["{text}", "{label}"] {
+            let n = p.template.matches(slot).count();
+            c.require(n == 1, "finetune.prompt.template", || {
+                format!("`finetune.prompt.template` must hold {slot} exactly once, found {n}")
+            });
+        }
+        c.require(!p.verbalizer.is_empty(), "finetune.prompt.verbalizer", || {
+            "`finetune.prompt.verbalizer` is empty: give a word per label, e.g. { positive = \"好\" }".into()
+        });
     }
     if let Some(a) = &f.adapter {
         c.at_least("finetune.adapter.size", a.size, 1);

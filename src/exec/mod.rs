@@ -3,6 +3,7 @@
 //! every trial the study's results and report are written again, so what finished is never lost.
 
 mod cache;
+mod cloze;
 mod inspect;
 mod journal;
 mod stats;

@@ -305,6 +305,7 @@ mod tests {
             Method::Lora => base.no_grad().with_lora(&Default::default(), &device),
             Method::Adapter => base.no_grad().with_adapters(4, &device),
             Method::Prefix => base.no_grad().with_prefix(3, &device),
+            Method::ZeroShot => panic!("zero-shot trains nothing"),
         };
         let model = Classifier {
             backbone,

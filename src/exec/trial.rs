@@ -11,6 +11,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 
 use super::cache::{Building, Cache, Status};
+use super::cloze;
 use super::journal::Journal;
 use super::stats::{self, Encoded};
 use super::tasks::{self, FinetuneTask, PretrainTask};
@@ -214,7 +215,8 @@ fn stages<B: AutodiffBackend>(
     summary.model = Some(cfg.clone());
 
     let started = Instant::now();
-    let backbone = pretrain_stage(trial, keys, cx, &encoded, &tokenizer, &cfg, summary, store)?;
+    let (backbone, lm_head) =
+        pretrain_stage(trial, keys, cx, &encoded, &tokenizer, &cfg, summary, store)?;
     summary
         .stage_times
         .push(("pretrain".into(), started.elapsed().as_secs_f64()));
@@ -225,6 +227,19 @@ fn stages<B: AutodiffBackend>(
     let Some(building) = begin_or_reuse(trial, keys, cx, summary, store)? else {
         return Ok(());
     };
+    if exp.raw.finetune.method == Method::ZeroShot {
+        let model = LmModel {
+            head: lm_head.unwrap_or_else(|| {
+                // No pretraining: an untrained head, the chance-level baseline.
+                B::seed(&cx.device, exp.raw.experiment.seed.wrapping_add(1));
+                LmHead::<B>::new(cfg.d_model, cfg.vocab_size, &cx.device).valid()
+            }),
+            backbone,
+        };
+        return zero_shot_stage(
+            trial, keys, cx, &data, &tokenizer, model, &cfg, summary, store, building,
+        );
+    }
     finetune_stage(
         trial, keys, cx, &data, &encoded, backbone, &cfg, summary, store, building,
     )
@@ -407,6 +422,12 @@ fn checkpoints<'a>(
     }
 }
 
+/// A pretraining's backbone, and its LM head (none without pretraining).
+type Pretrained<B> = (
+    Backbone<<B as AutodiffBackend>::InnerBackend>,
+    Option<LmHead<<B as AutodiffBackend>::InnerBackend>>,
+);
+
 #[allow(clippy::too_many_arguments)]
 fn pretrain_stage<B: AutodiffBackend>(
     trial: &Trial,
@@ -417,7 +438,7 @@ fn pretrain_stage<B: AutodiffBackend>(
     cfg: &BackboneConfig,
     summary: &mut RunSummary,
     store: &mut Store,
-) -> Result<Backbone<B::InnerBackend>, Stop> {
+) -> Result<Pretrained<B>, Stop> {
     let exp = &trial.exp;
     let p = &exp.raw.pretrain;
     let seed = exp.raw.experiment.seed;
@@ -425,7 +446,7 @@ fn pretrain_stage<B: AutodiffBackend>(
     B::seed(&device, seed);
     let backbone = cfg.init::<B>(&device);
     let Some(key) = &keys.pretrain else {
-        return Ok(backbone.valid());
+        return Ok((backbone.valid(), None));
     };
     let err = failed("pretrain");
     let model = LmModel {
@@ -456,7 +477,8 @@ fn pretrain_stage<B: AutodiffBackend>(
                 .clone()
                 .load_file(dir.join("model"), &recorder(), &device)
                 .map_err(|e| err(format!("cached model in {}: {e}", dir.display())))?;
-            Ok(loaded.valid().backbone)
+            let loaded = loaded.valid();
+            Ok((loaded.backbone, Some(loaded.head)))
         };
     if let Some(m) = cx.cache.done("pretrain", key) {
         return reuse(cx, store, summary, m.status);
@@ -532,7 +554,7 @@ fn pretrain_stage<B: AutodiffBackend>(
                 .log(&trial.id, "pretrain", "done")
                 .key(&key.hash)
                 .step(fitted.steps);
-            Ok(model.backbone)
+            Ok((model.backbone, Some(model.head)))
         }
         Err(TrainError::Diverged { step, value }) => {
             let reason = format!("loss became {value}");
@@ -640,6 +662,7 @@ fn finetune_stage<B: AutodiffBackend>(
             let length = f.prefix.clone().unwrap_or_default().length;
             backbone.no_grad().with_prefix(length, &device)
         }
+        Method::ZeroShot => unreachable!("`stages` scores zero-shot trials with `zero_shot_stage`"),
     };
     let model = Classifier {
         backbone,
@@ -686,7 +709,6 @@ fn finetune_stage<B: AutodiffBackend>(
     summary
         .stage_times
         .push(("finetune".into(), started.elapsed().as_secs_f64()));
-    let built_by = format!("{}/{}", cx.experiment, trial.id);
     let (status, model) = match result {
         Ok(fitted) => {
             log(
@@ -724,6 +746,35 @@ fn finetune_stage<B: AutodiffBackend>(
             .stage_times
             .push(("eval".into(), started.elapsed().as_secs_f64()));
     }
+    publish_finetune(
+        trial,
+        key,
+        cx,
+        building,
+        summary,
+        store,
+        stage_store,
+        status,
+        model,
+    )
+}
+
+/// Publishes a finetune entry (summary, records, the trained model if any) and takes its scores
+/// into the trial's store.
+#[allow(clippy::too_many_arguments)]
+fn publish_finetune<B: Backend, M: Module<B>>(
+    trial: &Trial,
+    key: &crate::plan::keys::Key,
+    cx: &mut Context<impl Backend>,
+    building: Building,
+    summary: &mut RunSummary,
+    store: &mut Store,
+    stage_store: Store,
+    status: Status,
+    model: Option<M>,
+) -> Result<(), Stop> {
+    let err = failed("finetune");
+    let built_by = format!("{}/{}", cx.experiment, trial.id);
     cx.cache
         .commit(
             "finetune",
@@ -758,6 +809,93 @@ fn finetune_stage<B: AutodiffBackend>(
             Err(diverged(cx.journal, trial, "finetune", key, step, reason))
         }
     }
+}
+
+/// `method = "zero_shot"`: dev and test scored by the pretrained LM through the prompt, nothing
+/// trained. Cached like a fine-tuning (the entry holds the scores, no model).
+#[allow(clippy::too_many_arguments)]
+fn zero_shot_stage<B: AutodiffBackend>(
+    trial: &Trial,
+    keys: &StageKeys,
+    cx: &mut Context<B>,
+    data: &Datasets,
+    tokenizer: &TextTokenizer,
+    model: LmModel<B::InnerBackend>,
+    cfg: &BackboneConfig,
+    summary: &mut RunSummary,
+    store: &mut Store,
+    building: Building,
+) -> Result<(), Stop> {
+    let exp = &trial.exp;
+    let key = &keys.finetune;
+    summary
+        .stages
+        .push(StageUse::new("finetune", &key.hash, false));
+    cx.journal
+        .log(&trial.id, "finetune", "start")
+        .key(&key.hash);
+    let input_error = |message: String| Stop::Failed {
+        stage: "finetune",
+        message,
+        code: 2,
+    };
+    let prompt_cfg = exp.raw.finetune.prompt.as_ref().ok_or_else(|| {
+        input_error("finetune.method = \"zero_shot\" needs [finetune.prompt]".into())
+    })?;
+    let prompt = cloze::Prompt::new(prompt_cfg, tokenizer, &data.labels).map_err(input_error)?;
+    let total = cfg.parameters()
+        + crate::model::LmHead::<B::InnerBackend>::parameters(cfg.d_model, cfg.vocab_size);
+    summary.trainable_parameters = Some((0, total));
+    let started = Instant::now();
+    let splits = [("dev", data.dev.as_ref()), ("test", data.test.as_ref())];
+    for (name, split) in splits {
+        let Some(split) = split else { continue };
+        let predicted = cloze::predict(
+            &model,
+            &prompt,
+            tokenizer,
+            &split.examples,
+            cfg.causal,
+            cfg.max_len,
+            exp.raw.eval.batch_size,
+            &cx.device,
+        )
+        .map_err(failed("finetune"))?;
+        let truth: Vec<usize> = split
+            .examples
+            .iter()
+            .map(|e| {
+                e.label
+                    .as_deref()
+                    .and_then(|l| data.class_of(l))
+                    .unwrap_or(0)
+            })
+            .collect();
+        let scores = crate::metrics::classification::score(&truth, &predicted, data.labels.len());
+        log(
+            cx.opts,
+            &format!(
+                "{} zero-shot {name} accuracy {:.2}%",
+                cx.label,
+                scores.accuracy * 100.0
+            ),
+        );
+        summary.scores.push((name.to_string(), scores));
+    }
+    summary
+        .stage_times
+        .push(("eval".into(), started.elapsed().as_secs_f64()));
+    publish_finetune(
+        trial,
+        key,
+        cx,
+        building,
+        summary,
+        store,
+        Store::default(),
+        Status::Done,
+        None::<LmModel<B::InnerBackend>>,
+    )
 }
 
 fn evaluate<B: Backend>(

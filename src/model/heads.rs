@@ -32,6 +32,11 @@ impl<B: Backend> LmHead<B> {
     }
 
     /// `hidden`: `[batch, seq, d]`; `positions`: `[n]` flat indices into `batch * seq`. Returns `[n, vocab]`.
+    /// Parameters of a head for `d_model` and `vocab_size`, counted from the shapes.
+    pub fn parameters(d_model: usize, vocab_size: usize) -> usize {
+        (d_model * d_model + d_model) + 2 * d_model + (d_model * vocab_size + vocab_size)
+    }
+
     pub fn forward(&self, hidden: Tensor<B, 3>, positions: Tensor<B, 1, Int>) -> Tensor<B, 2> {
         let [batch, seq, d] = hidden.dims();
         let picked = hidden.reshape([batch * seq, d]).select(0, positions);

@@ -1,0 +1,336 @@
+//! Zero-shot classification with a pretrained LM: every example is put into a template, and each
+//! label is scored by how likely the LM finds its verbalizer (a word per label) in the template's
+//! label slot. No labelled example is used.
+//!
+//! - MLM backbone (cloze, as in PET, Schick & Schütze 2021, https://arxiv.org/abs/2001.07676): the
+//!   slot holds as many `[MASK]`s as the verbalizer has tokens; the score is the sum of the log
+//!   probabilities of the verbalizer's tokens at those positions. Labels whose verbalizers have the
+//!   same length share one forward pass.
+//! - AR backbone: the slot holds the verbalizer itself; the score is the log-likelihood of its
+//!   tokens given everything before them (one forward pass per label).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use super::tasks::ids_tensor;
+use crate::config::train::PromptSection;
+use crate::data::batch;
+use crate::data::read::Example;
+use crate::model::LmModel;
+use crate::tokenizer::TextTokenizer;
+
+enum Piece {
+    Tokens(Vec<u32>),
+    Text,
+    Pair,
+    Label,
+}
+
+/// A template split into its literal parts and slots, and each class's verbalizer tokens.
+pub struct Prompt {
+    pieces: Vec<Piece>,
+    /// Per class, in label order.
+    pub verbalizers: Vec<Vec<u32>>,
+}
+
+impl Prompt {
+    /// Tokenizes the template and the verbalizers; every label needs a verbalizer that the
+    /// vocabulary can spell without `[UNK]`.
+    pub fn new(p: &PromptSection, tok: &TextTokenizer, labels: &[String]) -> Result<Self, String> {
+        let mut pieces = Vec::new();
+        let mut rest = p.template.as_str();
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..].find('}').map(|c| open + c).ok_or_else(|| {
+                format!(
+                    "finetune.prompt.template: `{{` without `}}` in `{}`",
+                    p.template
+                )
+            })?;
+            if open > 0 {
+                pieces.push(Piece::Tokens(
+                    tok.ids(&rest[..open]).map_err(|e| e.to_string())?,
+                ));
+            }
+            pieces.push(match &rest[open + 1..close] {
+                "text" => Piece::Text,
+                "text_pair" => Piece::Pair,
+                "label" => Piece::Label,
+                other => {
+                    return Err(format!(
+                        "finetune.prompt.template: unknown slot `{{{other}}}` (use {{text}}, \
+                         {{text_pair}} and {{label}})"
+                    ))
+                }
+            });
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Tokens(tok.ids(rest).map_err(|e| e.to_string())?));
+        }
+        for (slot, piece) in [("{text}", Piece::Text), ("{label}", Piece::Label)] {
+            let n = pieces
+                .iter()
+                .filter(|p| std::mem::discriminant(*p) == std::mem::discriminant(&piece))
+                .count();
+            if n != 1 {
+                return Err(format!(
+                    "finetune.prompt.template must hold {slot} exactly once, found {n}: `{}`",
+                    p.template
+                ));
+            }
+        }
+        let mut verbalizers = Vec::with_capacity(labels.len());
+        for label in labels {
+            let word = p.verbalizer.get(label).ok_or_else(|| {
+                format!(
+                    "finetune.prompt.verbalizer has no word for the label `{label}` (labels: {})",
+                    labels.join(", ")
+                )
+            })?;
+            let ids = tok.ids(word).map_err(|e| e.to_string())?;
+            if ids.is_empty() || ids.contains(&tok.specials.unk) {
+                return Err(format!(
+                    "finetune.prompt.verbalizer: `{label}` = \"{word}\" has no tokens or an \
+                     unknown one in this tokenizer's vocabulary"
+                ));
+            }
+            verbalizers.push(ids);
+        }
+        Ok(Self {
+            pieces,
+            verbalizers,
+        })
+    }
+
+    /// `[CLS] template [SEP]` with `fill` in the label slot, the text cut so that it fits in
+    /// `max_len`; also where the label slot starts.
+    fn encode(
+        &self,
+        tok: &TextTokenizer,
+        text: &[u32],
+        pair: &[u32],
+        fill: &[u32],
+        max_len: usize,
+    ) -> (Vec<u32>, usize) {
+        let fixed: usize = self
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Tokens(t) => t.len(),
+                Piece::Label => fill.len(),
+                Piece::Pair => pair.len(),
+                Piece::Text => 0,
+            })
+            .sum::<usize>()
+            + 2;
+        let room = max_len.saturating_sub(fixed);
+        let text = &text[..text.len().min(room)];
+        let mut out = vec![tok.specials.cls];
+        let mut start = 0;
+        for p in &self.pieces {
+            match p {
+                Piece::Tokens(t) => out.extend(t),
+                Piece::Text => out.extend(text),
+                Piece::Pair => out.extend(pair),
+                Piece::Label => {
+                    start = out.len();
+                    out.extend(fill);
+                }
+            }
+        }
+        out.push(tok.specials.sep);
+        (out, start)
+    }
+}
+
+/// Summed log-probabilities of `targets[i]` at flat `positions[i]`, grouped `per` at a time.
+fn scores<B: Backend>(
+    model: &LmModel<B>,
+    seqs: &[Vec<u32>],
+    positions: &[i32],
+    targets: &[i32],
+    per: usize,
+    pad_id: u32,
+    device: &B::Device,
+) -> Vec<f32> {
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let padded = batch::pad(&refs, pad_id);
+    let (ids, pad) = ids_tensor::<B>(&padded, device);
+    let positions: Vec<i32> = positions.to_vec();
+    let n = positions.len();
+    let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), device);
+    let logits = model.forward(ids, pad, pos);
+    let target = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.to_vec(), [n, 1]), device);
+    let picked = log_softmax(logits, 1)
+        .gather(1, target)
+        .reshape([n / per, per]);
+    picked
+        .sum_dim(1)
+        .into_data()
+        .convert::<f32>()
+        .iter::<f32>()
+        .collect()
+}
+
+/// Predicted class of every example.
+#[allow(clippy::too_many_arguments)]
+pub fn predict<B: Backend>(
+    model: &LmModel<B>,
+    prompt: &Prompt,
+    tok: &TextTokenizer,
+    examples: &[Example],
+    causal: bool,
+    max_len: usize,
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<Vec<usize>, String> {
+    let classes = prompt.verbalizers.len();
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let texts: Vec<(Vec<u32>, Vec<u32>)> = chunk
+            .iter()
+            .map(|e| {
+                let a = tok.ids(&e.text)?;
+                let b = e.text_pair.as_deref().map(|p| tok.ids(p)).transpose()?;
+                Ok((a, b.unwrap_or_default()))
+            })
+            .collect::<Result<_, crate::tokenizer::TokenizerError>>()
+            .map_err(|e| e.to_string())?;
+        let mut best = vec![(f32::NEG_INFINITY, 0usize); chunk.len()];
+        // MLM: one pass per verbalizer length; AR: one pass per label.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for c in 0..classes {
+            let len = prompt.verbalizers[c].len();
+            match groups
+                .iter_mut()
+                .find(|g| !causal && prompt.verbalizers[g[0]].len() == len)
+            {
+                Some(g) => g.push(c),
+                None => groups.push(vec![c]),
+            }
+        }
+        for group in groups {
+            let len = prompt.verbalizers[group[0]].len();
+            let fill: Vec<u32> = if causal {
+                prompt.verbalizers[group[0]].clone()
+            } else {
+                vec![tok.specials.mask; len]
+            };
+            let encoded: Vec<(Vec<u32>, usize)> = texts
+                .iter()
+                .map(|(a, b)| prompt.encode(tok, a, b, &fill, max_len))
+                .collect();
+            let width = encoded.iter().map(|(s, _)| s.len()).max().unwrap_or(1);
+            let seqs: Vec<Vec<u32>> = encoded.iter().map(|(s, _)| s.clone()).collect();
+            let (mut positions, mut targets) = (Vec::new(), Vec::new());
+            for &c in &group {
+                for (row, (_, start)) in encoded.iter().enumerate() {
+                    for (k, &t) in prompt.verbalizers[c].iter().enumerate() {
+                        // AR predicts each token from the position before it.
+                        let at = if causal { start + k - 1 } else { start + k };
+                        positions.push((row * width + at) as i32);
+                        targets.push(t as i32);
+                    }
+                }
+            }
+            let s = scores(
+                model,
+                &seqs,
+                &positions,
+                &targets,
+                len,
+                tok.specials.pad,
+                device,
+            );
+            for (gi, &c) in group.iter().enumerate() {
+                for row in 0..chunk.len() {
+                    let v = s[gi * chunk.len() + row];
+                    if v > best[row].0 {
+                        best[row] = (v, c);
+                    }
+                }
+            }
+        }
+        out.extend(best.into_iter().map(|(_, c)| c));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::model::TokenizerSection;
+
+    fn tokenizer() -> TextTokenizer {
+        let texts = [
+            "这个 东西 很好 很差",
+            "质量 好 差 东西 不错",
+            "很好 很差 质量",
+        ];
+        let cfg = TokenizerSection {
+            vocab_size: 200,
+            min_frequency: 1,
+            ..Default::default()
+        };
+        TextTokenizer::build(&cfg, std::path::Path::new("."), texts.iter().copied()).unwrap()
+    }
+
+    fn section(template: &str) -> PromptSection {
+        PromptSection {
+            template: template.into(),
+            verbalizer: [("Negative", "差"), ("Positive", "好")]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_template_is_laid_out_around_the_text_and_cut_to_fit() {
+        let tok = tokenizer();
+        let labels = vec!["Negative".to_string(), "Positive".to_string()];
+        let p = Prompt::new(&section("质量{label}：{text}"), &tok, &labels).unwrap();
+        assert_eq!(
+            p.verbalizers,
+            [tok.ids("差").unwrap(), tok.ids("好").unwrap()]
+        );
+        let text = tok.ids("这个东西很好").unwrap();
+        let mask = [tok.specials.mask];
+        let (seq, start) = p.encode(&tok, &text, &[], &mask, 64);
+        let mut expected = vec![tok.specials.cls];
+        expected.extend(tok.ids("质量").unwrap());
+        assert_eq!(
+            start,
+            expected.len(),
+            "the label slot follows the literal prefix"
+        );
+        expected.push(tok.specials.mask);
+        expected.extend(tok.ids("：").unwrap());
+        expected.extend(&text);
+        expected.push(tok.specials.sep);
+        assert_eq!(seq, expected);
+        // Too long: the text loses tokens, the template and the slot stay.
+        let (short, start2) = p.encode(&tok, &text, &[], &mask, seq.len() - 2);
+        assert_eq!(short.len(), seq.len() - 2);
+        assert_eq!((start2, short[start2]), (start, tok.specials.mask));
+        assert_eq!(short.last(), Some(&tok.specials.sep));
+    }
+
+    #[test]
+    fn a_missing_word_or_slot_is_named() {
+        let tok = tokenizer();
+        let labels = vec!["Negative".to_string(), "Neutral".to_string()];
+        let e = Prompt::new(&section("{label}{text}"), &tok, &labels)
+            .err()
+            .unwrap();
+        assert!(e.contains("no word for the label `Neutral`"), "{e}");
+        let two = vec!["Negative".to_string(), "Positive".to_string()];
+        let e = Prompt::new(&section("{label}{txt}"), &tok, &two)
+            .err()
+            .unwrap();
+        assert!(e.contains("unknown slot `{txt}`"), "{e}");
+        let e = Prompt::new(&section("{text}"), &tok, &two).err().unwrap();
+        assert!(e.contains("{label} exactly once"), "{e}");
+    }
+}
