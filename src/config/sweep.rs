@@ -23,6 +23,26 @@ pub struct SweepSection {
     pub random: Option<RandomSection>,
 }
 
+impl SweepSection {
+    /// Whether any axis (grid, zip or random) varies the key at the dotted `path`.
+    pub fn varies(&self, path: &str) -> bool {
+        fn holds(table: &toml::Table, path: &str) -> bool {
+            if table.contains_key(path) {
+                return true;
+            }
+            path.split_once('.').is_some_and(|(head, rest)| {
+                table
+                    .get(head)
+                    .and_then(toml::Value::as_table)
+                    .is_some_and(|t| holds(t, rest))
+            })
+        }
+        holds(&self.grid, path)
+            || self.zip.iter().any(|z| holds(z, path))
+            || self.random.as_ref().is_some_and(|r| holds(&r.params, path))
+    }
+}
+
 /// Random search: `trials` draws of every parameter, seeded so the same file gives the same trials.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

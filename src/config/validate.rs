@@ -230,7 +230,8 @@ fn method(c: &mut Checker, raw: &RawDoc) {
     ];
     for (name, present) in sections {
         let wants = if name == "prompt" { "zero_shot" } else { name };
-        if present && chosen != wants {
+        // A sweep over methods carries every method's settings; each trial uses its own.
+        if present && chosen != wants && !raw.sweep.varies("finetune.method") {
             c.fail(&format!("finetune.{name}"), format!(
                 "[finetune.{name}] is set but finetune.method = \"{chosen}\": set method = \"{wants}\" or remove the section"
             ));
