@@ -1223,17 +1223,17 @@ fn each_fine_tuning_method_trains_its_own_share_and_says_so() {
 }
 
 #[test]
-fn zero_shot_scores_every_label_through_the_prompt_without_training() {
+fn zero_shot_and_prompt_based_fine_tuning_score_labels_through_the_prompt() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("fewclue_tiny");
-    let prompt = "finetune.prompt={template=\"感觉很{label}。{text}\", verbalizer={Positive=\"好\", Negative=\"差\"}}";
+    let prompt = "finetune.prompt={template=\"{text}。感觉很{label}。\", verbalizer={Positive=\"好\", Negative=\"差\"}}";
     let args = [
         "--set",
         "sweep.split=[1]",
         "--set",
         "sweep.grid.pretrain.objective=[\"none\", \"mlm\", \"ar\"]",
         "--set",
-        "finetune.method=\"zero_shot\"",
+        "sweep.grid.finetune.method=[\"zero_shot\", \"pet\"]",
         "--set",
         prompt,
     ];
@@ -1241,23 +1241,31 @@ fn zero_shot_scores_every_label_through_the_prompt_without_training() {
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = read_csv(&run.join("results.csv"));
     for objective in ["none", "mlm", "ar"] {
-        let id = format!("objective={objective}_split=1");
-        let s: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("trials").join(&id).join("summary.json")).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(s["trainable_parameters"][0], 0, "{id}: nothing is trained");
-        assert_eq!(s["method"], "zero_shot");
-        // No fine-tuning records: the stage only scored dev and test.
-        assert!(records(&run.join("trials").join(&id), "finetune", "train", "loss").is_empty());
-        for split in ["dev", "test"] {
-            let a = result_of(&rows, &id, split, "accuracy");
-            assert!((0.0..=1.0).contains(&a), "{id} {split} {a}");
+        for method in ["zero_shot", "pet"] {
+            let id = format!("method={method}_objective={objective}_split=1");
+            let dir = run.join("trials").join(&id);
+            let s: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap())
+                    .unwrap();
+            assert_eq!(s["method"], method);
+            let (trained, total) = (&s["trainable_parameters"][0], &s["trainable_parameters"][1]);
+            let losses = records(&dir, "finetune", "train", "loss");
+            if method == "zero_shot" {
+                assert_eq!(*trained, 0, "{id}: nothing is trained");
+                assert!(losses.is_empty(), "{id}: no fine-tuning records");
+            } else {
+                assert_eq!(trained, total, "{id}: the whole LM trains");
+                assert!(
+                    !losses.is_empty() && losses.iter().all(|l| l.is_finite()),
+                    "{id}"
+                );
+            }
+            for split in ["dev", "test"] {
+                let a = result_of(&rows, &id, split, "accuracy");
+                assert!((0.0..=1.0).contains(&a), "{id} {split} {a}");
+            }
         }
     }
-    assert!(std::fs::read_to_string(run.join("tables/fewclue.md"))
-        .unwrap()
-        .contains("| mlm |"));
     // A label without a word is an input error that names it.
     let o = sweep(
         tmp.path(),
@@ -1276,6 +1284,25 @@ fn zero_shot_scores_every_label_through_the_prompt_without_training() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("no word for the label `Negative`"),
+        "{}",
+        stderr(&o)
+    );
+    // A causal LM cannot score a label placed before the text.
+    let o = sweep(
+        tmp.path(),
+        "fewclue",
+        &[
+            "--set",
+            "sweep.grid.pretrain.objective=[\"ar\"]",
+            "--set",
+            "finetune.method=\"pet\"",
+            "--set",
+            "finetune.prompt={template=\"{label}{text}\", verbalizer={Positive=\"好\", Negative=\"差\"}}",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("must come after {text}"),
         "{}",
         stderr(&o)
     );

@@ -145,6 +145,9 @@ pub enum Method {
     Prefix,
     /// No training: each label scored by its verbalizer in a template (`[finetune.prompt]`).
     ZeroShot,
+    /// Prompt-based fine-tuning: the LM (backbone and LM head) trains on the labelled examples
+    /// through the same template and verbalizer, cross-entropy over the labels' scores.
+    Pet,
 }
 
 impl Method {
@@ -156,6 +159,7 @@ impl Method {
             Method::Adapter => "adapter",
             Method::Prefix => "prefix",
             Method::ZeroShot => "zero_shot",
+            Method::Pet => "pet",
         }
     }
 }

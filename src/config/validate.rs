@@ -229,9 +229,14 @@ fn method(c: &mut Checker, raw: &RawDoc) {
         ("prompt", f.prompt.is_some()),
     ];
     for (name, present) in sections {
-        let wants = if name == "prompt" { "zero_shot" } else { name };
+        let wants = if name == "prompt" {
+            "zero_shot\" or \"pet"
+        } else {
+            name
+        };
+        let uses = chosen == name || (name == "prompt" && matches!(chosen, "zero_shot" | "pet"));
         // A sweep over methods carries every method's settings; each trial uses its own.
-        if present && chosen != wants && !raw.sweep.varies("finetune.method") {
+        if present && !uses && !raw.sweep.varies("finetune.method") {
             c.fail(&format!("finetune.{name}"), format!(
                 "[finetune.{name}] is set but finetune.method = \"{chosen}\": set method = \"{wants}\" or remove the section"
             ));
@@ -270,10 +275,10 @@ fn method(c: &mut Checker, raw: &RawDoc) {
             seen.push(*t);
         }
     }
-    if f.method == crate::config::train::Method::ZeroShot && f.prompt.is_none() {
+    if matches!(chosen, "zero_shot" | "pet") && f.prompt.is_none() {
         c.fail(
             "finetune.method",
-            "finetune.method = \"zero_shot\" needs [finetune.prompt] with a template and a verbalizer".into(),
+            format!("finetune.method = \"{chosen}\" needs [finetune.prompt] with a template and a verbalizer"),
         );
     }
     if let Some(p) = &f.prompt {
@@ -281,6 +286,16 @@ fn method(c: &mut Checker, raw: &RawDoc) {
             let n = p.template.matches(slot).count();
             c.require(n == 1, "finetune.prompt.template", || {
                 format!("`finetune.prompt.template` must hold {slot} exactly once, found {n}")
+            });
+        }
+        let (label, text) = (p.template.find("{label}"), p.template.find("{text}"));
+        let causal = raw.pretrain.objective == Objective::Ar;
+        let uses = matches!(chosen, "zero_shot" | "pet");
+        if let (true, true, Some(label), Some(text)) = (uses, causal, label, text) {
+            c.require(label > text, "finetune.prompt.template", || {
+                "with pretrain.objective = \"ar\" the {label} slot must come after {text}: a \
+                 causal LM scores the label from what precedes it"
+                    .into()
             });
         }
         c.require(!p.verbalizer.is_empty(), "finetune.prompt.verbalizer", || {

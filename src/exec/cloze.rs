@@ -8,17 +8,23 @@
 //!   same length share one forward pass.
 //! - AR backbone: the slot holds the verbalizer itself; the score is the log-likelihood of its
 //!   tokens given everything before them (one forward pass per label).
+//!
+//! `ClozeTask` fine-tunes the whole LM on these scores (`method = "pet"`, PET without its
+//! ensemble and distillation steps).
 
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::tasks::ids_tensor;
-use crate::config::train::PromptSection;
+use super::tasks::{dev_evaluation, ids_tensor};
+use crate::config::train::{PromptSection, SelectMetric};
 use crate::data::batch;
 use crate::data::read::Example;
+use crate::metrics::classification::score;
 use crate::model::LmModel;
 use crate::tokenizer::TextTokenizer;
+use crate::train::{Evaluation, Task};
 
 enum Piece {
     Tokens(Vec<u32>),
@@ -144,33 +150,178 @@ impl Prompt {
     }
 }
 
-/// Summed log-probabilities of `targets[i]` at flat `positions[i]`, grouped `per` at a time.
-fn scores<B: Backend>(
+/// Summed log-probabilities of `targets[i]` at flat `positions[i]`, `per` consecutive entries a
+/// sum: `[positions.len() / per]`.
+fn summed_log_probs<B: Backend>(
     model: &LmModel<B>,
     seqs: &[Vec<u32>],
-    positions: &[i32],
-    targets: &[i32],
+    positions: Vec<i32>,
+    targets: Vec<i32>,
     per: usize,
     pad_id: u32,
     device: &B::Device,
-) -> Vec<f32> {
+) -> Tensor<B, 1> {
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let padded = batch::pad(&refs, pad_id);
-    let (ids, pad) = ids_tensor::<B>(&padded, device);
-    let positions: Vec<i32> = positions.to_vec();
+    let (ids, pad) = ids_tensor::<B>(&batch::pad(&refs, pad_id), device);
     let n = positions.len();
     let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), device);
     let logits = model.forward(ids, pad, pos);
-    let target = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.to_vec(), [n, 1]), device);
-    let picked = log_softmax(logits, 1)
+    let target = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
+    log_softmax(logits, 1)
         .gather(1, target)
-        .reshape([n / per, per]);
-    picked
+        .reshape([n / per, per])
         .sum_dim(1)
-        .into_data()
-        .convert::<f32>()
-        .iter::<f32>()
-        .collect()
+        .reshape([n / per])
+}
+
+/// Token ids of each example's text and second text.
+pub type Texts = Vec<(Vec<u32>, Vec<u32>)>;
+
+pub fn tokenize(tok: &TextTokenizer, examples: &[Example]) -> Result<Texts, String> {
+    examples
+        .iter()
+        .map(|e| {
+            let a = tok.ids(&e.text)?;
+            let b = e.text_pair.as_deref().map(|p| tok.ids(p)).transpose()?;
+            Ok((a, b.unwrap_or_default()))
+        })
+        .collect::<Result<_, crate::tokenizer::TokenizerError>>()
+        .map_err(|e| e.to_string())
+}
+
+/// Every label's score for every row, `[rows, classes]`: the summed log-probability of its
+/// verbalizer in the label slot. Differentiable, so prompt-based fine-tuning trains on it.
+pub fn label_scores<B: Backend>(
+    model: &LmModel<B>,
+    prompt: &Prompt,
+    tok: &TextTokenizer,
+    texts: &[&(Vec<u32>, Vec<u32>)],
+    causal: bool,
+    max_len: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let classes = prompt.verbalizers.len();
+    let rows = texts.len();
+    // MLM: one pass per verbalizer length; AR: one pass per label.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for c in 0..classes {
+        let len = prompt.verbalizers[c].len();
+        match groups
+            .iter_mut()
+            .find(|g| !causal && prompt.verbalizers[g[0]].len() == len)
+        {
+            Some(g) => g.push(c),
+            None => groups.push(vec![c]),
+        }
+    }
+    let mut columns: Vec<Option<Tensor<B, 2>>> = vec![None; classes];
+    for group in groups {
+        let len = prompt.verbalizers[group[0]].len();
+        let fill: Vec<u32> = if causal {
+            prompt.verbalizers[group[0]].clone()
+        } else {
+            vec![tok.specials.mask; len]
+        };
+        let encoded: Vec<(Vec<u32>, usize)> = texts
+            .iter()
+            .map(|(a, b)| prompt.encode(tok, a, b, &fill, max_len))
+            .collect();
+        let width = encoded.iter().map(|(s, _)| s.len()).max().unwrap_or(1);
+        let seqs: Vec<Vec<u32>> = encoded.iter().map(|(s, _)| s.clone()).collect();
+        let (mut positions, mut targets) = (Vec::new(), Vec::new());
+        for &c in &group {
+            for (row, (_, start)) in encoded.iter().enumerate() {
+                for (k, &t) in prompt.verbalizers[c].iter().enumerate() {
+                    // AR predicts each token from the position before it.
+                    let at = if causal { start + k - 1 } else { start + k };
+                    positions.push((row * width + at) as i32);
+                    targets.push(t as i32);
+                }
+            }
+        }
+        let s = summed_log_probs(
+            model,
+            &seqs,
+            positions,
+            targets,
+            len,
+            tok.specials.pad,
+            device,
+        )
+        .reshape([group.len(), rows]);
+        for (gi, &c) in group.iter().enumerate() {
+            columns[c] = Some(s.clone().narrow(0, gi, 1));
+        }
+    }
+    let columns: Vec<Tensor<B, 2>> = columns.into_iter().flatten().collect();
+    Tensor::cat(columns, 0).swap_dims(0, 1)
+}
+
+/// Prompt-based fine-tuning (PET): the whole LM (backbone and LM head) trains on the labelled
+/// examples through the prompt, with cross-entropy over the labels' verbalizer scores.
+pub struct ClozeTask<'a, B: Backend> {
+    pub prompt: &'a Prompt,
+    pub tok: &'a TextTokenizer,
+    pub train: &'a Texts,
+    pub train_classes: &'a [usize],
+    pub dev: Option<(&'a Texts, &'a [usize])>,
+    pub causal: bool,
+    pub max_len: usize,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub select: SelectMetric,
+    pub seed: u64,
+    pub device: B::Device,
+}
+
+impl<B: AutodiffBackend> Task<B> for ClozeTask<'_, B> {
+    type Model = LmModel<B>;
+    type Batch = Vec<usize>;
+
+    fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        batch::epoch_batches(self.train.len(), self.batch_size, self.seed, epoch as u64)
+    }
+
+    fn loss(&self, model: &LmModel<B>, rows: &Vec<usize>) -> Tensor<B, 1> {
+        let texts: Vec<&(Vec<u32>, Vec<u32>)> = rows.iter().map(|&i| &self.train[i]).collect();
+        let scores = label_scores(
+            model,
+            self.prompt,
+            self.tok,
+            &texts,
+            self.causal,
+            self.max_len,
+            &self.device,
+        );
+        let labels: Vec<i64> = rows.iter().map(|&i| self.train_classes[i] as i64).collect();
+        let n = labels.len();
+        let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [n]), &self.device);
+        CrossEntropyLossConfig::new()
+            .init(&self.device)
+            .forward(scores, labels)
+    }
+
+    fn evaluate(&self, model: &LmModel<B::InnerBackend>) -> Evaluation {
+        let Some((texts, classes)) = self.dev else {
+            return Evaluation::default();
+        };
+        let predicted = predict(
+            model,
+            self.prompt,
+            self.tok,
+            texts,
+            self.causal,
+            self.max_len,
+            self.eval_batch_size,
+            &self.device,
+        );
+        let s = score(classes, &predicted, self.prompt.verbalizers.len());
+        dev_evaluation(&s, self.select)
+    }
+
+    fn device(&self) -> B::Device {
+        self.device.clone()
+    }
 }
 
 /// Predicted class of every example.
@@ -179,82 +330,20 @@ pub fn predict<B: Backend>(
     model: &LmModel<B>,
     prompt: &Prompt,
     tok: &TextTokenizer,
-    examples: &[Example],
+    texts: &Texts,
     causal: bool,
     max_len: usize,
     batch_size: usize,
     device: &B::Device,
-) -> Result<Vec<usize>, String> {
-    let classes = prompt.verbalizers.len();
-    let mut out = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let texts: Vec<(Vec<u32>, Vec<u32>)> = chunk
-            .iter()
-            .map(|e| {
-                let a = tok.ids(&e.text)?;
-                let b = e.text_pair.as_deref().map(|p| tok.ids(p)).transpose()?;
-                Ok((a, b.unwrap_or_default()))
-            })
-            .collect::<Result<_, crate::tokenizer::TokenizerError>>()
-            .map_err(|e| e.to_string())?;
-        let mut best = vec![(f32::NEG_INFINITY, 0usize); chunk.len()];
-        // MLM: one pass per verbalizer length; AR: one pass per label.
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for c in 0..classes {
-            let len = prompt.verbalizers[c].len();
-            match groups
-                .iter_mut()
-                .find(|g| !causal && prompt.verbalizers[g[0]].len() == len)
-            {
-                Some(g) => g.push(c),
-                None => groups.push(vec![c]),
-            }
-        }
-        for group in groups {
-            let len = prompt.verbalizers[group[0]].len();
-            let fill: Vec<u32> = if causal {
-                prompt.verbalizers[group[0]].clone()
-            } else {
-                vec![tok.specials.mask; len]
-            };
-            let encoded: Vec<(Vec<u32>, usize)> = texts
-                .iter()
-                .map(|(a, b)| prompt.encode(tok, a, b, &fill, max_len))
-                .collect();
-            let width = encoded.iter().map(|(s, _)| s.len()).max().unwrap_or(1);
-            let seqs: Vec<Vec<u32>> = encoded.iter().map(|(s, _)| s.clone()).collect();
-            let (mut positions, mut targets) = (Vec::new(), Vec::new());
-            for &c in &group {
-                for (row, (_, start)) in encoded.iter().enumerate() {
-                    for (k, &t) in prompt.verbalizers[c].iter().enumerate() {
-                        // AR predicts each token from the position before it.
-                        let at = if causal { start + k - 1 } else { start + k };
-                        positions.push((row * width + at) as i32);
-                        targets.push(t as i32);
-                    }
-                }
-            }
-            let s = scores(
-                model,
-                &seqs,
-                &positions,
-                &targets,
-                len,
-                tok.specials.pad,
-                device,
-            );
-            for (gi, &c) in group.iter().enumerate() {
-                for row in 0..chunk.len() {
-                    let v = s[gi * chunk.len() + row];
-                    if v > best[row].0 {
-                        best[row] = (v, c);
-                    }
-                }
-            }
-        }
-        out.extend(best.into_iter().map(|(_, c)| c));
+) -> Vec<usize> {
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch_size.max(1)) {
+        let refs: Vec<&(Vec<u32>, Vec<u32>)> = chunk.iter().collect();
+        let scores = label_scores(model, prompt, tok, &refs, causal, max_len, device);
+        let best = scores.argmax(1).into_data().convert::<i64>();
+        out.extend(best.iter::<i64>().map(|c| c as usize));
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -235,17 +235,22 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
             self.eval_batch_size,
             &self.device,
         );
-        let score = match self.select {
-            SelectMetric::Accuracy => s.accuracy,
-            SelectMetric::MacroF1 => s.macro_f1,
-        };
-        Evaluation {
-            score: Some(score),
-            metrics: vec![
-                ("dev".into(), "accuracy".into(), s.accuracy),
-                ("dev".into(), "macro_f1".into(), s.macro_f1),
-            ],
-        }
+        dev_evaluation(&s, self.select)
+    }
+}
+
+/// A dev split's scores as the training loop sees them: the selection score and the records.
+pub fn dev_evaluation(s: &Scores, select: SelectMetric) -> Evaluation {
+    let score = match select {
+        SelectMetric::Accuracy => s.accuracy,
+        SelectMetric::MacroF1 => s.macro_f1,
+    };
+    Evaluation {
+        score: Some(score),
+        metrics: vec![
+            ("dev".into(), "accuracy".into(), s.accuracy),
+            ("dev".into(), "macro_f1".into(), s.macro_f1),
+        ],
     }
 }
 

@@ -227,7 +227,7 @@ fn stages<B: AutodiffBackend>(
     let Some(building) = begin_or_reuse(trial, keys, cx, summary, store)? else {
         return Ok(());
     };
-    if exp.raw.finetune.method == Method::ZeroShot {
+    if matches!(exp.raw.finetune.method, Method::ZeroShot | Method::Pet) {
         let model = LmModel {
             head: lm_head.unwrap_or_else(|| {
                 // No pretraining: an untrained head, the chance-level baseline.
@@ -236,7 +236,7 @@ fn stages<B: AutodiffBackend>(
             }),
             backbone,
         };
-        return zero_shot_stage(
+        return prompt_stage(
             trial, keys, cx, &data, &tokenizer, model, &cfg, summary, store, building,
         );
     }
@@ -662,7 +662,9 @@ fn finetune_stage<B: AutodiffBackend>(
             let length = f.prefix.clone().unwrap_or_default().length;
             backbone.no_grad().with_prefix(length, &device)
         }
-        Method::ZeroShot => unreachable!("`stages` scores zero-shot trials with `zero_shot_stage`"),
+        Method::ZeroShot | Method::Pet => {
+            unreachable!("`stages` runs prompt-based methods through `prompt_stage`")
+        }
     };
     let model = Classifier {
         backbone,
@@ -812,9 +814,10 @@ fn publish_finetune<B: Backend, M: Module<B>>(
 }
 
 /// `method = "zero_shot"`: dev and test scored by the pretrained LM through the prompt, nothing
-/// trained. Cached like a fine-tuning (the entry holds the scores, no model).
+/// trained; the entry holds the scores, no model. `method = "pet"`: the LM first fine-tunes on
+/// the labelled examples through the same prompt (`cloze::ClozeTask`).
 #[allow(clippy::too_many_arguments)]
-fn zero_shot_stage<B: AutodiffBackend>(
+fn prompt_stage<B: AutodiffBackend>(
     trial: &Trial,
     keys: &StageKeys,
     cx: &mut Context<B>,
@@ -827,42 +830,28 @@ fn zero_shot_stage<B: AutodiffBackend>(
     building: Building,
 ) -> Result<(), Stop> {
     let exp = &trial.exp;
+    let f = &exp.raw.finetune;
     let key = &keys.finetune;
+    let device = cx.device.clone();
+    let seed = exp.raw.experiment.seed.wrapping_add(1);
     summary
         .stages
         .push(StageUse::new("finetune", &key.hash, false));
-    cx.journal
-        .log(&trial.id, "finetune", "start")
-        .key(&key.hash);
     let input_error = |message: String| Stop::Failed {
         stage: "finetune",
         message,
         code: 2,
     };
-    let prompt_cfg = exp.raw.finetune.prompt.as_ref().ok_or_else(|| {
-        input_error("finetune.method = \"zero_shot\" needs [finetune.prompt]".into())
+    let prompt_cfg = f.prompt.as_ref().ok_or_else(|| {
+        input_error(format!(
+            "finetune.method = \"{}\" needs [finetune.prompt]",
+            f.method.name()
+        ))
     })?;
     let prompt = cloze::Prompt::new(prompt_cfg, tokenizer, &data.labels).map_err(input_error)?;
-    let total = cfg.parameters()
-        + crate::model::LmHead::<B::InnerBackend>::parameters(cfg.d_model, cfg.vocab_size);
-    summary.trainable_parameters = Some((0, total));
-    let started = Instant::now();
-    let splits = [("dev", data.dev.as_ref()), ("test", data.test.as_ref())];
-    for (name, split) in splits {
-        let Some(split) = split else { continue };
-        let predicted = cloze::predict(
-            &model,
-            &prompt,
-            tokenizer,
-            &split.examples,
-            cfg.causal,
-            cfg.max_len,
-            exp.raw.eval.batch_size,
-            &cx.device,
-        )
-        .map_err(failed("finetune"))?;
-        let truth: Vec<usize> = split
-            .examples
+    let tokenize = |examples: &[crate::data::Example]| {
+        let texts = cloze::tokenize(tokenizer, examples).map_err(failed("finetune"))?;
+        let classes: Vec<usize> = examples
             .iter()
             .map(|e| {
                 e.label
@@ -871,20 +860,119 @@ fn zero_shot_stage<B: AutodiffBackend>(
                     .unwrap_or(0)
             })
             .collect();
-        let scores = crate::metrics::classification::score(&truth, &predicted, data.labels.len());
-        log(
-            cx.opts,
-            &format!(
-                "{} zero-shot {name} accuracy {:.2}%",
-                cx.label,
-                scores.accuracy * 100.0
-            ),
+        Ok::<_, Stop>((texts, classes))
+    };
+    let dev = data
+        .dev
+        .as_ref()
+        .map(|s| tokenize(&s.examples))
+        .transpose()?;
+    let test = data
+        .test
+        .as_ref()
+        .map(|s| tokenize(&s.examples))
+        .transpose()?;
+    let total =
+        cfg.parameters() + LmHead::<B::InnerBackend>::parameters(cfg.d_model, cfg.vocab_size);
+    let mut stage_store = Store::default();
+    let (status, model) = if f.method == Method::Pet {
+        summary.trainable_parameters = Some((total, total));
+        let (train, train_classes) = tokenize(&data.train.examples)?;
+        B::seed(&device, seed);
+        let task = cloze::ClozeTask::<B> {
+            prompt: &prompt,
+            tok: tokenizer,
+            train: &train,
+            train_classes: &train_classes,
+            dev: dev.as_ref().map(|(t, c)| (t, c.as_slice())),
+            causal: cfg.causal,
+            max_len: cfg.max_len,
+            batch_size: f.batch_size,
+            eval_batch_size: exp.raw.eval.batch_size,
+            select: f.select_metric,
+            seed,
+            device: device.clone(),
+        };
+        let per_epoch = train.len().div_ceil(f.batch_size).max(1);
+        let budget = Budget {
+            max_steps: f.epochs * per_epoch,
+            max_epochs: f.epochs,
+            eval_every: None,
+            eval_each_epoch: true,
+            patience: f.patience,
+            keep_best: true,
+            seed,
+        };
+        let started = Instant::now();
+        let result = run_fit(
+            trial,
+            key,
+            cx,
+            "finetune",
+            &building,
+            &task,
+            LmModel::<B>::from_inner(model),
+            &exp.finetune_optim(),
+            &budget,
+            &mut stage_store,
         );
-        summary.scores.push((name.to_string(), scores));
+        summary
+            .stage_times
+            .push(("finetune".into(), started.elapsed().as_secs_f64()));
+        match result {
+            Ok(fitted) => (Status::Done, Some(fitted.model)),
+            Err(TrainError::Diverged { step, value }) => {
+                let reason = format!("loss became {value}");
+                summary.failure = Some(format!("`finetune` diverged at step {step}: {reason}"));
+                (Status::Diverged { step, reason }, None)
+            }
+            Err(e) => {
+                store.records.extend(stage_store.records);
+                return Err(failed("finetune")(e.to_string()));
+            }
+        }
+    } else {
+        cx.journal
+            .log(&trial.id, "finetune", "start")
+            .key(&key.hash);
+        summary.trainable_parameters = Some((0, total));
+        (Status::Done, Some(model))
+    };
+    if let Some(model) = &model {
+        let started = Instant::now();
+        for (name, split) in [("dev", &dev), ("test", &test)] {
+            let Some((texts, truth)) = split else {
+                continue;
+            };
+            let predicted = cloze::predict(
+                model,
+                &prompt,
+                tokenizer,
+                texts,
+                cfg.causal,
+                cfg.max_len,
+                exp.raw.eval.batch_size,
+                &device,
+            );
+            let scores =
+                crate::metrics::classification::score(truth, &predicted, data.labels.len());
+            log(
+                cx.opts,
+                &format!(
+                    "{} {} {name} accuracy {:.2}%",
+                    cx.label,
+                    f.method.name(),
+                    scores.accuracy * 100.0
+                ),
+            );
+            summary.scores.push((name.to_string(), scores));
+        }
+        summary
+            .stage_times
+            .push(("eval".into(), started.elapsed().as_secs_f64()));
     }
-    summary
-        .stage_times
-        .push(("eval".into(), started.elapsed().as_secs_f64()));
+    // Zero-shot trained nothing: the pretraining entry already holds its model.
+    let trained = if f.method == Method::Pet { model } else { None };
     publish_finetune(
         trial,
         key,
@@ -892,9 +980,9 @@ fn zero_shot_stage<B: AutodiffBackend>(
         building,
         summary,
         store,
-        Store::default(),
-        Status::Done,
-        None::<LmModel<B::InnerBackend>>,
+        stage_store,
+        status,
+        trained,
     )
 }
 

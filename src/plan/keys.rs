@@ -235,7 +235,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
     if method != Method::Prefix {
         finetune_section.prefix = None;
     }
-    if method != Method::ZeroShot {
+    if !matches!(method, Method::ZeroShot | Method::Pet) {
         finetune_section.prompt = None;
     }
     let finetune = Key::of(&FinetuneInputs {
