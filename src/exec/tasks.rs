@@ -310,7 +310,7 @@ mod tests {
             Method::Lora => base.no_grad().with_lora(&Default::default(), &device),
             Method::Adapter => base.no_grad().with_adapters(4, &device),
             Method::Prefix => base.no_grad().with_prefix(3, &device),
-            Method::ZeroShot => panic!("zero-shot trains nothing"),
+            Method::ZeroShot | Method::Pet => panic!("prompt-based methods train an LmModel"),
         };
         let model = Classifier {
             backbone,
