@@ -493,5 +493,14 @@ fn a_sweep_submitted_to_slurm_merges_to_the_local_results() {
     );
     assert_eq!(read(&run_b.join("results.csv")), expected);
     drop(cluster);
+    // With the cluster gone, status still reads every result; only the queue is unknown.
+    let o = Command::new(XRUN)
+        .current_dir(root())
+        .args(["status", FIXTURE, "--set", &out_set(&b)])
+        .env("SLURM_CONF", tmp.join("no-such-slurm.conf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("4 trials: 4 done"), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&tmp);
 }

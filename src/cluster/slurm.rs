@@ -94,9 +94,10 @@ pub fn squeue() -> Result<HashMap<String, Queued>, RunError> {
             ))
         })?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(RunError::Input(format!(
             "squeue failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            stderr.trim().lines().last().unwrap_or("no message")
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout)
@@ -428,10 +429,14 @@ pub fn status(
     let run_dir = exp.run_dir();
     let cache = Cache::new(exp.cache_dir());
     let recs = records(&run_dir);
-    let queue = if recs.is_empty() {
-        HashMap::new()
-    } else {
-        squeue()?
+    // Without squeue (the cluster is down, or this is not a login node) the queue is unknown:
+    // trials without a result are "unknown", not "failed".
+    let (queue, unknown) = match recs.is_empty() {
+        true => (HashMap::new(), None),
+        false => match squeue() {
+            Ok(q) => (q, None),
+            Err(e) => (HashMap::new(), Some(e.to_string())),
+        },
     };
     let mut out = Vec::new();
     for (t, k) in trials.iter().zip(keys) {
@@ -492,6 +497,13 @@ pub fn status(
                 s.state = "failed";
                 s.detail = format!("stage {stage}: {message}; log {log}");
             }
+            (_, None) if task.is_some() && unknown.is_some() => {
+                s.state = "unknown";
+                s.detail = format!(
+                    "the queue cannot be read ({}); log {log}",
+                    unknown.as_deref().unwrap_or_default()
+                );
+            }
             (_, None) if task.is_some() => {
                 s.state = "failed";
                 let log = if Path::new(&log).exists() {
@@ -543,6 +555,7 @@ pub fn status_text(
         "running",
         "queued",
         "failed",
+        "unknown",
         "not submitted",
         "not run",
     ];
