@@ -456,6 +456,15 @@ pub fn status(
             detail: String::new(),
         };
         let result = finished(&run_dir, t, k);
+        let step = cache
+            .partial_step("finetune", &k.finetune)
+            .map(|n| ("finetune", n))
+            .or_else(|| {
+                k.pretrain
+                    .as_ref()
+                    .and_then(|p| cache.partial_step("pretrain", p))
+                    .map(|n| ("pretrain", n))
+            });
         let queued = queue.get(&job).filter(|_| !job.is_empty());
         match (result.as_ref().and_then(|(s, _)| s.status.clone()), queued) {
             (Some(TrialStatus::Done), _) => {
@@ -476,15 +485,6 @@ pub fn status(
             }
             (_, Some(q)) => {
                 s.state = "running";
-                let step = cache
-                    .partial_step("finetune", &k.finetune)
-                    .map(|n| ("finetune", n))
-                    .or_else(|| {
-                        k.pretrain
-                            .as_ref()
-                            .and_then(|p| cache.partial_step("pretrain", p))
-                            .map(|n| ("pretrain", n))
-                    });
                 s.detail = match step {
                     Some((stage, n)) => format!(
                         "{} (last checkpoint: {stage} step {n}); log {log}",
@@ -516,7 +516,19 @@ pub fn status(
                      upstream stage job failed); {log}"
                 );
             }
-            _ => {}
+            // No job of ours: a shard or another xrun may be running it right now.
+            _ => {
+                let busy = cache.busy("finetune", &k.finetune)
+                    || k.pretrain
+                        .as_ref()
+                        .is_some_and(|p| cache.busy("pretrain", p))
+                    || cache.busy("tokenizer", &k.tokenizer);
+                if busy {
+                    s.state = "running";
+                    s.detail =
+                        "another xrun holds one of its stages (a shard or a second run)".into();
+                }
+            }
         }
         out.push(s);
     }
