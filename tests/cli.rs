@@ -1418,3 +1418,39 @@ fn one_trial_or_one_stage_can_be_run_alone() {
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(status.contains("4 trials: 1 done, 3 not run"), "{status}");
 }
+
+/// Numbers pinned on purpose. Cached stages are keyed by their inputs, not by the code's numerics:
+/// if a change moves these (the order parameters are first used in, say, which decides the order
+/// they draw their initial values in), entries cached before hold other numbers under the same
+/// key. When such a change is intended, bump PRETRAIN_REV / FINETUNE_REV in src/plan/keys.rs and
+/// update the numbers here.
+#[test]
+fn pinned_numbers_catch_changes_that_need_a_new_cache_revision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = format!("experiment.output_dir={}", tmp.path().display());
+    let id = "epochs=3_lr=0.003";
+    let o = xrun(
+        &root(),
+        &[
+            "tests/fixtures/sweeps/cluster.toml",
+            "-q",
+            "--trial",
+            id,
+            "--set",
+            &out,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trial = tmp.path().join("cluster_tiny/trials").join(id);
+    let pretrain = records(&trial, "pretrain", "validation", "loss");
+    let finetune = records(&trial, "finetune", "train", "loss");
+    let rows = read_csv(&trial.join("results.csv"));
+    let col = |name: &str| rows[0].iter().position(|h| h == name).unwrap();
+    let test = rows
+        .iter()
+        .find(|r| r[col("split")] == "test" && r[col("metric")] == "accuracy")
+        .unwrap()[col("value")]
+    .clone();
+    let got = format!("pretrain {pretrain:.9?}\nfinetune {finetune:.9?}\ntest {test}");
+    insta::assert_snapshot!("pinned_numbers", got);
+}

@@ -630,7 +630,6 @@ fn finetune_stage<B: AutodiffBackend>(
 ) -> Result<(), Stop> {
     let exp = &trial.exp;
     let key = &keys.finetune;
-    let err = failed("finetune");
     let f = &exp.raw.finetune;
     let seed = exp.raw.experiment.seed;
     let device = cx.device.clone();
@@ -684,63 +683,19 @@ fn finetune_stage<B: AutodiffBackend>(
         seed: seed.wrapping_add(1),
         device: device.clone(),
     };
-    let per_epoch = encoded.train.ids.len().div_ceil(f.batch_size).max(1);
-    let budget = Budget {
-        max_steps: f.epochs * per_epoch,
-        max_epochs: f.epochs,
-        eval_every: None,
-        eval_each_epoch: true,
-        patience: f.patience,
-        keep_best: true,
-        seed: seed.wrapping_add(1),
-    };
-    let started = Instant::now();
     let mut stage_store = Store::default();
-    let result = run_fit(
+    let (status, model) = fit_finetune(
         trial,
         key,
         cx,
-        "finetune",
         &building,
         &task,
         model,
-        &exp.finetune_optim(),
-        &budget,
+        encoded.train.ids.len(),
+        summary,
+        store,
         &mut stage_store,
-    );
-    summary
-        .stage_times
-        .push(("finetune".into(), started.elapsed().as_secs_f64()));
-    let (status, model) = match result {
-        Ok(fitted) => {
-            log(
-                cx.opts,
-                &format!(
-                    "{} finetune: {} steps{}{}",
-                    cx.label,
-                    fitted.steps,
-                    fitted
-                        .best_step
-                        .map_or(String::new(), |s| format!(", best dev score at step {s}")),
-                    if fitted.stopped_early {
-                        ", stopped early"
-                    } else {
-                        ""
-                    }
-                ),
-            );
-            (Status::Done, Some(fitted.model))
-        }
-        Err(TrainError::Diverged { step, value }) => {
-            let reason = format!("loss became {value}");
-            summary.failure = Some(format!("`finetune` diverged at step {step}: {reason}"));
-            (Status::Diverged { step, reason }, None)
-        }
-        Err(e) => {
-            store.records.extend(stage_store.records);
-            return Err(err(e.to_string()));
-        }
-    };
+    )?;
     if let Some(model) = &model {
         let started = Instant::now();
         evaluate::<B::InnerBackend>(exp, encoded, model, pool, &data.labels, summary, &device);
@@ -759,6 +714,83 @@ fn finetune_stage<B: AutodiffBackend>(
         status,
         model,
     )
+}
+
+/// The inference form of a task's trained model.
+type Trained<B, T> = <<T as crate::train::Task<B>>::Model as AutodiffModule<B>>::InnerModule;
+
+/// Fine-tunes `model` on `task` for `finetune.epochs` epochs of `train_len` examples, keeping the
+/// dev-best snapshot: the model, or the divergence that is the trial's result.
+#[allow(clippy::too_many_arguments)]
+fn fit_finetune<B: AutodiffBackend, T: crate::train::Task<B>>(
+    trial: &Trial,
+    key: &crate::plan::keys::Key,
+    cx: &mut Context<B>,
+    building: &Building,
+    task: &T,
+    model: T::Model,
+    train_len: usize,
+    summary: &mut RunSummary,
+    store: &mut Store,
+    stage_store: &mut Store,
+) -> Result<(Status, Option<Trained<B, T>>), Stop> {
+    let exp = &trial.exp;
+    let f = &exp.raw.finetune;
+    let budget = Budget {
+        max_steps: f.epochs * train_len.div_ceil(f.batch_size).max(1),
+        max_epochs: f.epochs,
+        eval_every: None,
+        eval_each_epoch: true,
+        patience: f.patience,
+        keep_best: true,
+        seed: exp.raw.experiment.seed.wrapping_add(1),
+    };
+    let started = Instant::now();
+    let result = run_fit(
+        trial,
+        key,
+        cx,
+        "finetune",
+        building,
+        task,
+        model,
+        &exp.finetune_optim(),
+        &budget,
+        stage_store,
+    );
+    summary
+        .stage_times
+        .push(("finetune".into(), started.elapsed().as_secs_f64()));
+    match result {
+        Ok(fitted) => {
+            log(
+                cx.opts,
+                &format!(
+                    "{} finetune: {} steps{}{}",
+                    cx.label,
+                    fitted.steps,
+                    fitted
+                        .best_step
+                        .map_or(String::new(), |s| format!(", best dev score at step {s}")),
+                    if fitted.stopped_early {
+                        ", stopped early"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            Ok((Status::Done, Some(fitted.model)))
+        }
+        Err(TrainError::Diverged { step, value }) => {
+            let reason = format!("loss became {value}");
+            summary.failure = Some(format!("`finetune` diverged at step {step}: {reason}"));
+            Ok((Status::Diverged { step, reason }, None))
+        }
+        Err(e) => {
+            store.records.append(&mut stage_store.records);
+            Err(failed("finetune")(e.to_string()))
+        }
+    }
 }
 
 /// Publishes a finetune entry (summary, records, the trained model if any) and takes its scores
@@ -893,44 +925,18 @@ fn prompt_stage<B: AutodiffBackend>(
             seed,
             device: device.clone(),
         };
-        let per_epoch = train.len().div_ceil(f.batch_size).max(1);
-        let budget = Budget {
-            max_steps: f.epochs * per_epoch,
-            max_epochs: f.epochs,
-            eval_every: None,
-            eval_each_epoch: true,
-            patience: f.patience,
-            keep_best: true,
-            seed,
-        };
-        let started = Instant::now();
-        let result = run_fit(
+        fit_finetune(
             trial,
             key,
             cx,
-            "finetune",
             &building,
             &task,
             LmModel::<B>::from_inner(model),
-            &exp.finetune_optim(),
-            &budget,
+            train.len(),
+            summary,
+            store,
             &mut stage_store,
-        );
-        summary
-            .stage_times
-            .push(("finetune".into(), started.elapsed().as_secs_f64()));
-        match result {
-            Ok(fitted) => (Status::Done, Some(fitted.model)),
-            Err(TrainError::Diverged { step, value }) => {
-                let reason = format!("loss became {value}");
-                summary.failure = Some(format!("`finetune` diverged at step {step}: {reason}"));
-                (Status::Diverged { step, reason }, None)
-            }
-            Err(e) => {
-                store.records.extend(stage_store.records);
-                return Err(failed("finetune")(e.to_string()));
-            }
-        }
+        )?
     } else {
         cx.journal
             .log(&trial.id, "finetune", "start")

@@ -110,11 +110,16 @@ impl<B: Backend> Backbone<B> {
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
             .reshape([1, seq])
             .repeat_dim(0, batch);
-        let mut x = self.positions.forward(positions);
-        if let Some(segments) = &self.segments {
-            x = x + segments.forward(segment_ids(ids.clone(), self.sep));
+        // Segment ids first: `ids` moves into the token lookup, whose sum with the positions keeps
+        // the order of operations (and so the exact numbers) of backbones without segments.
+        let segments = self
+            .segments
+            .as_ref()
+            .map(|s| s.forward(segment_ids(ids.clone(), self.sep)));
+        let mut x = self.tokens.forward(ids) + self.positions.forward(positions);
+        if let Some(segments) = segments {
+            x = x + segments;
         }
-        x = self.tokens.forward(ids) + x;
         if let Some(norm) = &self.embed_norm {
             x = norm.forward(x);
         }
