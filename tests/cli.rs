@@ -1208,6 +1208,14 @@ fn each_fine_tuning_method_trains_its_own_share_and_says_so() {
     }
     // The methods learn different things from the same pretraining.
     let rows = read_csv(&run.join("results.csv"));
+    // `full`, the default, is a value of the method column like any other.
+    let method = rows[0].iter().position(|h| h == "finetune.method").unwrap();
+    let named: std::collections::BTreeSet<&str> =
+        rows[1..].iter().map(|r| r[method].as_str()).collect();
+    assert_eq!(
+        named.into_iter().collect::<Vec<_>>(),
+        ["adapter", "full", "linear_probe", "lora", "prefix"]
+    );
     let dev: Vec<f64> = ["full", "linear_probe", "lora", "adapter", "prefix"]
         .iter()
         .map(|m| {

@@ -261,17 +261,10 @@ fn default_prefix_length() -> usize {
     16
 }
 
-impl Method {
-    /// `full` is left out of the serialized config, so cache keys from before methods existed hold.
-    pub fn is_full(&self) -> bool {
-        *self == Method::Full
-    }
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneSection {
-    #[serde(default, skip_serializing_if = "Method::is_full")]
+    #[serde(default)]
     pub method: Method,
     #[serde(default = "default_epochs")]
     pub epochs: usize,

@@ -12,9 +12,7 @@ use serde::Serialize;
 use crate::config::data::{Format, OnError, SourceSpec};
 use crate::config::experiment::BackendChoice;
 use crate::config::model::{ModelSection, TokenizerSection};
-use crate::config::train::{
-    EvalSection, FinetuneSection, Method, Objective, Optim, PretrainSection,
-};
+use crate::config::train::{EvalSection, Method, Objective, Optim, PretrainSection};
 use crate::config::Experiment;
 
 /// Content hashes of input files, each file read once per process.
@@ -138,7 +136,8 @@ struct FinetuneInputs<'a> {
     pretrain: Option<&'a str>,
     objective: Objective,
     model: &'a ModelSection,
-    finetune: FinetuneSection,
+    /// The section without `method` when it is `full`, so keys from before methods existed hold.
+    finetune: serde_json::Value,
     optim: Optim,
     eval: &'a EvalSection,
     on_error: OnError,
@@ -237,6 +236,12 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
     }
     if !matches!(method, Method::ZeroShot | Method::Pet) {
         finetune_section.prompt = None;
+    }
+    let mut finetune_section = serde_json::to_value(&finetune_section).unwrap_or_default();
+    if method == Method::Full {
+        if let Some(map) = finetune_section.as_object_mut() {
+            map.remove("method");
+        }
     }
     let finetune = Key::of(&FinetuneInputs {
         stage: "finetune",
