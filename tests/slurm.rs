@@ -215,7 +215,7 @@ TaskPlugin=task/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-SchedulerParameters=sched_min_interval=0,batch_sched_delay=0
+SchedulerParameters=sched_min_interval=0,batch_sched_delay=0,bf_interval=1
 DependencyParameters=kill_invalid_depend
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool

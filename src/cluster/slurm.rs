@@ -84,15 +84,22 @@ pub struct Queued {
 
 /// Every job in the queue by id (`12`, or `12_3` for an array task).
 pub fn squeue() -> Result<HashMap<String, Queued>, RunError> {
-    let out = Command::new("squeue")
-        .args(["-h", "-r", "-o", "%i|%T|%r"])
-        .output()
-        .map_err(|e| {
-            RunError::Input(format!(
-                "cannot run squeue ({e}): xrun needs Slurm's client commands on PATH (run it on \
-                 a login node of the cluster)"
-            ))
-        })?;
+    let out = run_with_timeout(
+        Command::new("squeue").args(["-h", "-r", "-o", "%i|%T|%r"]),
+        SQUEUE_TIMEOUT,
+    )
+    .map_err(|e| {
+        RunError::Input(format!(
+            "cannot run squeue ({e}): xrun needs Slurm's client commands on PATH (run it on \
+             a login node of the cluster)"
+        ))
+    })?;
+    let Some(out) = out else {
+        return Err(RunError::Input(format!(
+            "squeue did not answer within {} s (is slurmctld reachable?)",
+            SQUEUE_TIMEOUT.as_secs()
+        )));
+    };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(RunError::Input(format!(
@@ -110,6 +117,48 @@ pub fn squeue() -> Result<HashMap<String, Queued>, RunError> {
             Some((id, Queued { state, reason }))
         })
         .collect())
+}
+
+/// How long `squeue` may take: with a controller that cannot be reached it hangs for about a
+/// minute before failing.
+const SQUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `cmd` to completion, or kills it after `timeout` (`Ok(None)`). Its output goes through
+/// temporary files, so a long listing cannot fill a pipe and stall it.
+fn run_with_timeout(
+    cmd: &mut Command,
+    timeout: std::time::Duration,
+) -> std::io::Result<Option<std::process::Output>> {
+    use std::io::{Read, Seek};
+    let mut stdout = tempfile::tempfile()?;
+    let mut stderr = tempfile::tempfile()?;
+    let mut child = cmd
+        .stdout(stdout.try_clone()?)
+        .stderr(stderr.try_clone()?)
+        .spawn()?;
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let read = |f: &mut std::fs::File| -> std::io::Result<Vec<u8>> {
+        let mut v = Vec::new();
+        f.rewind()?;
+        f.read_to_end(&mut v)?;
+        Ok(v)
+    };
+    Ok(Some(std::process::Output {
+        status,
+        stdout: read(&mut stdout)?,
+        stderr: read(&mut stderr)?,
+    }))
 }
 
 /// Whether a record's job (any of its tasks) is still in the queue.
