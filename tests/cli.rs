@@ -1205,6 +1205,12 @@ fn each_fine_tuning_method_trains_its_own_share_and_says_so() {
         assert!(summary(method)["scores"]
             .as_array()
             .is_some_and(|s| !s.is_empty()));
+        // The study's trial list gives the same count and its share.
+        let study = std::fs::read_to_string(run.join("index.html")).unwrap();
+        assert!(
+            study.contains(&format!("<td>{trained} (")),
+            "{method} in the study"
+        );
     }
     // The methods learn different things from the same pretraining.
     let rows = read_csv(&run.join("results.csv"));

@@ -350,6 +350,8 @@ struct TrialRow {
     detail: String,
     dev: Option<f64>,
     test: Option<f64>,
+    /// `(trained, total)` parameters of the fine-tuned model.
+    trained: Option<(usize, usize)>,
     reused: String,
 }
 
@@ -446,6 +448,7 @@ fn render(
                 detail: summary.failure.clone().unwrap_or_default(),
                 dev: score("dev"),
                 test: score("test"),
+                trained: summary.trainable_parameters.filter(|(_, total)| *total > 0),
                 reused: reused.join(", "),
             }
         })
