@@ -169,7 +169,7 @@ fn in_queue(r: &Record, queue: &HashMap<String, Queued>) -> bool {
         .any(|id| *id == r.job_id || id.starts_with(&prefix))
 }
 
-/// What the newest submission says about each trial and stage that is still queued or running.
+/// The trials, stage entries and jobs of every submission that are still queued or running.
 struct Active {
     trials: HashSet<String>,
     stages: HashMap<(String, String), String>,
@@ -505,15 +505,11 @@ pub fn status(
             detail: String::new(),
         };
         let result = finished(&run_dir, t, k);
-        let step = cache
-            .partial_step("finetune", &k.finetune)
-            .map(|n| ("finetune", n))
-            .or_else(|| {
-                k.pretrain
-                    .as_ref()
-                    .and_then(|p| cache.partial_step("pretrain", p))
-                    .map(|n| ("pretrain", n))
-            });
+        // The latest stage with a checkpoint is the one running.
+        let step = k.stages().into_iter().rev().find_map(|(stage, key)| {
+            key.and_then(|key| cache.partial_step(stage, key))
+                .map(|n| (stage, n))
+        });
         let queued = queue.get(&job).filter(|_| !job.is_empty());
         match (result.as_ref().and_then(|(s, _)| s.status.clone()), queued) {
             (Some(TrialStatus::Done), _) => {
@@ -567,11 +563,10 @@ pub fn status(
             }
             // No job of ours: a shard or another xrun may be running it right now.
             _ => {
-                let busy = cache.busy("finetune", &k.finetune)
-                    || k.pretrain
-                        .as_ref()
-                        .is_some_and(|p| cache.busy("pretrain", p))
-                    || cache.busy("tokenizer", &k.tokenizer);
+                let busy = k
+                    .stages()
+                    .into_iter()
+                    .any(|(stage, key)| key.is_some_and(|key| cache.busy(stage, key)));
                 if busy {
                     s.state = "running";
                     s.detail =

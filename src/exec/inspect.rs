@@ -46,12 +46,7 @@ pub fn plan_text(exp: &Experiment, trials: &[Trial], verbose: bool) -> Result<St
     for (t, k) in trials.iter().zip(&keys) {
         let finetune_cached = cache.done("finetune", &k.finetune).is_some();
         let mut cells = Vec::new();
-        let stages: [(&str, Option<&crate::plan::keys::Key>); 3] = [
-            ("tokenizer", Some(&k.tokenizer)),
-            ("pretrain", k.pretrain.as_ref()),
-            ("finetune", Some(&k.finetune)),
-        ];
-        for (stage, key) in stages {
+        for (stage, key) in k.stages() {
             let cell = match key {
                 None => "–".to_string(),
                 Some(key) if finetune_cached && stage != "finetune" => {
@@ -128,10 +123,7 @@ pub fn plan_text(exp: &Experiment, trials: &[Trial], verbose: bool) -> Result<St
     if verbose {
         for (t, k) in trials.iter().zip(&keys) {
             let _ = writeln!(out, "\n# {}", t.id);
-            for key in [Some(&k.tokenizer), k.pretrain.as_ref(), Some(&k.finetune)]
-                .into_iter()
-                .flatten()
-            {
+            for key in k.stages().into_iter().filter_map(|(_, key)| key) {
                 let _ = writeln!(
                     out,
                     "{} = {}",

@@ -281,10 +281,7 @@ fn run_on<B: AutodiffBackend>(
             String::new()
         };
         if let Some(until) = opts.until {
-            let key = match until {
-                Until::Tokenizer => Some(&k.tokenizer),
-                Until::Pretrain => k.pretrain.as_ref(),
-            };
+            let key = k.get(until.name());
             if key.is_none_or(|key| cache.done(until.name(), key).is_some()) {
                 let what = if key.is_some() {
                     "is already cached"
@@ -575,17 +572,11 @@ pub struct Merged {
 pub fn finished(run_dir: &Path, t: &Trial, k: &StageKeys) -> Option<(RunSummary, Store)> {
     let dir = run_dir.join("trials").join(&t.id);
     let (summary, store) = crate::report::study::load_trial(&dir).ok()?;
-    let planned = |stage: &str| match stage {
-        "tokenizer" => Some(&k.tokenizer.hash),
-        "pretrain" => k.pretrain.as_ref().map(|p| &p.hash),
-        "finetune" => Some(&k.finetune.hash),
-        _ => None,
-    };
     let current = !summary.stages.is_empty()
         && summary
             .stages
             .iter()
-            .all(|s| planned(&s.stage) == Some(&s.key));
+            .all(|s| k.get(&s.stage).is_some_and(|key| key.hash == s.key));
     (current && summary.status.is_some()).then_some((summary, store))
 }
 

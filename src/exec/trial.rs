@@ -237,7 +237,7 @@ fn stages<B: AutodiffBackend>(
             backbone,
         };
         return prompt_stage(
-            trial, keys, cx, &data, &tokenizer, model, &cfg, summary, store, building,
+            trial, keys, cx, &data, &encoded, &tokenizer, model, &cfg, summary, store, building,
         );
     }
     finetune_stage(
@@ -854,6 +854,7 @@ fn prompt_stage<B: AutodiffBackend>(
     keys: &StageKeys,
     cx: &mut Context<B>,
     data: &Datasets,
+    encoded: &Encoded,
     tokenizer: &TextTokenizer,
     model: LmModel<B::InnerBackend>,
     cfg: &BackboneConfig,
@@ -881,35 +882,28 @@ fn prompt_stage<B: AutodiffBackend>(
         ))
     })?;
     let prompt = cloze::Prompt::new(prompt_cfg, tokenizer, &data.labels).map_err(input_error)?;
-    let tokenize = |examples: &[crate::data::Example]| {
+    // The prompt's texts beside the classes the encoded splits already hold, example for example.
+    let tokenize = |examples: &[crate::data::Example], classes: &[usize]| {
         let texts = cloze::tokenize(tokenizer, examples).map_err(failed("finetune"))?;
-        let classes: Vec<usize> = examples
-            .iter()
-            .map(|e| {
-                e.label
-                    .as_deref()
-                    .and_then(|l| data.class_of(l))
-                    .unwrap_or(0)
-            })
-            .collect();
-        Ok::<_, Stop>((texts, classes))
+        Ok::<_, Stop>((texts, classes.to_vec()))
     };
     let dev = data
         .dev
         .as_ref()
-        .map(|s| tokenize(&s.examples))
+        .zip(encoded.dev.as_ref())
+        .map(|(s, l)| tokenize(&s.examples, &l.classes))
         .transpose()?;
     let test = data
         .test
         .as_ref()
-        .map(|s| tokenize(&s.examples))
+        .zip(encoded.test.as_ref())
+        .map(|(s, l)| tokenize(&s.examples, &l.classes))
         .transpose()?;
-    let total =
-        cfg.parameters() + LmHead::<B::InnerBackend>::parameters(cfg.d_model, cfg.vocab_size);
+    let total = model.num_params();
     let mut stage_store = Store::default();
     let (status, model) = if f.method == Method::Pet {
         summary.trainable_parameters = Some((total, total));
-        let (train, train_classes) = tokenize(&data.train.examples)?;
+        let (train, train_classes) = tokenize(&data.train.examples, &encoded.train.classes)?;
         B::seed(&device, seed);
         let task = cloze::ClozeTask::<B> {
             prompt: &prompt,

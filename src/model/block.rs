@@ -2,15 +2,15 @@
 //! residual connection with LayerNorm before (pre-norm) or after (post-norm) it.
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use super::linear;
 use super::peft::{project, Adapter, Lora, Prefix};
-use super::INIT;
 
 pub struct BlockConfig {
     pub d_model: usize,
@@ -57,12 +57,6 @@ pub struct Block<B: Backend> {
     /// (`finetune.method = "adapter"`).
     pub adapter_attention: Option<Adapter<B>>,
     pub adapter_feed_forward: Option<Adapter<B>>,
-}
-
-fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(d_in, d_out)
-        .with_initializer(INIT)
-        .init(device)
 }
 
 impl BlockConfig {

@@ -3,12 +3,12 @@
 //! and a classification head on a pooled vector.
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
-use super::INIT;
+use super::linear;
 
 /// BERT's MLM head (dense → GELU → LayerNorm → vocabulary projection), used for AR as well.
 #[derive(Module, Debug)]
@@ -21,22 +21,13 @@ pub struct LmHead<B: Backend> {
 impl<B: Backend> LmHead<B> {
     pub fn new(d_model: usize, vocab_size: usize, device: &B::Device) -> Self {
         Self {
-            dense: LinearConfig::new(d_model, d_model)
-                .with_initializer(INIT)
-                .init(device),
+            dense: linear(d_model, d_model, device),
             norm: LayerNormConfig::new(d_model).init(device),
-            decoder: LinearConfig::new(d_model, vocab_size)
-                .with_initializer(INIT)
-                .init(device),
+            decoder: linear(d_model, vocab_size, device),
         }
     }
 
     /// `hidden`: `[batch, seq, d]`; `positions`: `[n]` flat indices into `batch * seq`. Returns `[n, vocab]`.
-    /// Parameters of a head for `d_model` and `vocab_size`, counted from the shapes.
-    pub fn parameters(d_model: usize, vocab_size: usize) -> usize {
-        (d_model * d_model + d_model) + 2 * d_model + (d_model * vocab_size + vocab_size)
-    }
-
     pub fn forward(&self, hidden: Tensor<B, 3>, positions: Tensor<B, 1, Int>) -> Tensor<B, 2> {
         let [batch, seq, d] = hidden.dims();
         let picked = hidden.reshape([batch * seq, d]).select(0, positions);
@@ -66,9 +57,7 @@ impl<B: Backend> ClassifierHead<B> {
     pub fn new(d_model: usize, classes: usize, dropout: f64, device: &B::Device) -> Self {
         Self {
             dropout: DropoutConfig::new(dropout).init(),
-            output: LinearConfig::new(d_model, classes)
-                .with_initializer(INIT)
-                .init(device),
+            output: linear(d_model, classes, device),
         }
     }
 

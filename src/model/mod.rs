@@ -13,6 +13,7 @@ pub mod peft;
 use burn::module::Module;
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+    Linear, LinearConfig,
 };
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
@@ -25,6 +26,13 @@ pub const INIT: Initializer = Initializer::Normal {
     mean: 0.0,
     std: 0.02,
 };
+
+/// A projection with BERT's initialiser, as every one of the model's is.
+pub(crate) fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_initializer(INIT)
+        .init(device)
+}
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BackboneConfig {

@@ -16,7 +16,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::INIT;
+use super::{linear, INIT};
 
 #[derive(Module, Debug)]
 pub struct Lora<B: Backend> {
@@ -93,9 +93,7 @@ pub struct Adapter<B: Backend> {
 impl<B: Backend> Adapter<B> {
     pub fn new(d_model: usize, size: usize, device: &B::Device) -> Self {
         Self {
-            down: LinearConfig::new(d_model, size)
-                .with_initializer(INIT)
-                .init(device),
+            down: linear(d_model, size, device),
             up: LinearConfig::new(size, d_model)
                 .with_initializer(Initializer::Zeros)
                 .init(device),

@@ -51,6 +51,25 @@ pub struct StageKeys {
     pub finetune: Key,
 }
 
+impl StageKeys {
+    /// Every stage with its key (none for `pretrain` without pretraining), in pipeline order.
+    pub fn stages(&self) -> [(&'static str, Option<&Key>); 3] {
+        [
+            ("tokenizer", Some(&self.tokenizer)),
+            ("pretrain", self.pretrain.as_ref()),
+            ("finetune", Some(&self.finetune)),
+        ]
+    }
+
+    /// The key of the stage named `stage`.
+    pub fn get(&self, stage: &str) -> Option<&Key> {
+        self.stages()
+            .into_iter()
+            .find(|(name, _)| *name == stage)
+            .and_then(|(_, key)| key)
+    }
+}
+
 /// A stage key: the short hash names the cache entry; the JSON it hashes is kept in its manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Key {
