@@ -569,8 +569,11 @@ pub fn status(
                     .any(|(stage, key)| key.is_some_and(|key| cache.busy(stage, key)));
                 if busy {
                     s.state = "running";
-                    s.detail =
-                        "another xrun holds one of its stages (a shard or a second run)".into();
+                    s.detail = format!(
+                        "another xrun holds one of its stages (a shard or a second run){}",
+                        step.map(|(stage, n)| format!("; last checkpoint: {stage} step {n}"))
+                            .unwrap_or_default()
+                    );
                 }
             }
         }
