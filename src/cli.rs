@@ -369,8 +369,8 @@ fn run(args: &RunArgs) -> ExitCode {
     };
     match exec::run(&exp, &trials, &opts) {
         Ok(outcome) => {
-            if let Some(acc) = outcome.test_accuracy {
-                eprintln!("test accuracy: {:.2}%", acc * 100.0);
+            if let Some((name, value)) = outcome.test_score {
+                eprintln!("test {name}: {:.2}%", value * 100.0);
             }
             // A stage job (`--until`) writes no report.
             if args.until.is_none() {

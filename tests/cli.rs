@@ -1468,3 +1468,110 @@ fn pinned_numbers_catch_changes_that_need_a_new_cache_revision() {
     let got = format!("pretrain {pretrain:.9?}\nfinetune {finetune:.9?}\ntest {test}");
     insta::assert_snapshot!("pinned_numbers", got);
 }
+
+/// Gold entities (a `B-` or `S-` tag each, in well-formed BMES) in the first `sentences` sentences
+/// of a CoNLL file, and the line of its first tag with the prefix `prefix`.
+fn conll_facts(path: &Path, sentences: usize, prefix: &str) -> (usize, usize) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let (mut seen, mut entities, mut inside) = (0, 0, false);
+    let mut first = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        let tag = line.split_ascii_whitespace().last().unwrap_or("");
+        if first.is_none() && tag.starts_with(prefix) {
+            first = Some(i + 1);
+        }
+        if line.trim().is_empty() {
+            seen += usize::from(inside);
+            inside = false;
+            continue;
+        }
+        if seen < sentences {
+            inside = true;
+            entities += usize::from(tag.starts_with("B-") || tag.starts_with("S-"));
+        }
+    }
+    (entities, first.unwrap())
+}
+
+#[test]
+fn ner_tags_characters_and_scores_entities_on_resume_ner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = sweep(tmp.path(), "ner", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = tmp.path().join("ner_tiny");
+    let rows = read_csv(&run.join("results.csv"));
+    let data = root().join("../shared/data/resume_ner");
+    let (gold, _) = conll_facts(&data.join("test.char.bmes"), 120, "M-");
+    for trial in ["method=full", "method=lora"] {
+        assert_eq!(
+            result_of(&rows, trial, "test", "entities"),
+            gold as f64,
+            "the entity count is the file's"
+        );
+        let (p, r, f1) = (
+            result_of(&rows, trial, "test", "entity_precision"),
+            result_of(&rows, trial, "test", "entity_recall"),
+            result_of(&rows, trial, "test", "entity_f1"),
+        );
+        if p + r > 0.0 {
+            assert!((f1 - 2.0 * p * r / (p + r)).abs() < 1e-9, "{trial}");
+        }
+        assert!(result_of(&rows, trial, "test", "tokens") > gold as f64);
+    }
+    // Four epochs on 400 sentences: the fully fine-tuned tagger finds a fifth of the entities
+    // exactly (an untrained one finds none), more than LoRA on a 30-step pretraining.
+    let full = result_of(&rows, "method=full", "test", "entity_f1");
+    let lora = result_of(&rows, "method=lora", "test", "entity_f1");
+    assert!(full > 0.15, "full fine-tuning test entity F1 {full}");
+    assert!(full > lora, "{full} vs {lora}");
+    // Per-type rows exist for every type of the data.
+    let types: Vec<&Vec<String>> = rows
+        .iter()
+        .filter(|r| {
+            r[0] == "method=full" && r[3] == "test" && r[4] == "entity_f1" && !r[5].is_empty()
+        })
+        .collect();
+    assert_eq!(
+        types.len(),
+        8,
+        "NAME, CONT, RACE, TITLE, EDU, ORG, PRO, LOC"
+    );
+    let trial = std::fs::read_to_string(run.join("trials/method=full/index.html")).unwrap();
+    assert!(
+        trial.contains("Test entity F1 <strong>"),
+        "trial report headline"
+    );
+    assert!(trial.contains("BMES tags"));
+    assert!(trial.contains("Training entities by type"));
+    let study = std::fs::read_to_string(run.join("index.html")).unwrap();
+    assert!(study.contains("dev entity_f1") && study.contains("test entity F1"));
+
+    // A scheme that does not fit the tags names the first tag it rejects, by file and line.
+    let (_, first_e) = conll_facts(&data.join("train.char.bmes"), 0, "E-");
+    let o = sweep(tmp.path(), "ner", &["--set", "data.tag_scheme=\"bio\""]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "train.char.bmes:{first_e}: tag \"E-NAME\" is not a BIO tag"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("data.tag_scheme = \"bio\" allows O and B-, I-"),
+        "{err}"
+    );
+    // Prompt methods score one label per text: not a tagging method.
+    let o = sweep(
+        tmp.path(),
+        "ner",
+        &["--set", "sweep.grid.finetune.method=[\"zero_shot\"]"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("needs a method that trains a tagging head"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -22,6 +22,57 @@ pub enum Format {
     Tsv,
     /// One text per line, no fields.
     Text,
+    /// CoNLL-style token classification: one token and its tag per line (the first and the last
+    /// whitespace-separated column), a blank line between sentences. `.conll`, `.bio`, `.bioes`,
+    /// `.bmes`, `.iob` files are read this way under `auto`.
+    Conll,
+}
+
+impl Format {
+    /// `auto` decided by the file's extension.
+    pub fn resolve(self, file: &std::path::Path) -> Format {
+        if self != Format::Auto {
+            return self;
+        }
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("json" | "jsonl" | "ndjson") => Format::Jsonl,
+            Some("csv") => Format::Csv,
+            Some("tsv") => Format::Tsv,
+            Some("conll" | "bio" | "bioes" | "bmes" | "iob") => Format::Conll,
+            _ => Format::Text,
+        }
+    }
+}
+
+/// How the tags of a CoNLL file mark entity spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TagScheme {
+    /// `B-` begins an entity, `I-` continues it, `O` is outside.
+    Bio,
+    /// BIO plus `E-` (end) and `S-` (single-token entity).
+    Bioes,
+    /// `B-`/`M-`/`E-`/`S-`, `O` (BIOES with `M-` for inside), the usual Chinese NER tagging.
+    Bmes,
+}
+
+impl TagScheme {
+    pub fn name(self) -> &'static str {
+        match self {
+            TagScheme::Bio => "bio",
+            TagScheme::Bioes => "bioes",
+            TagScheme::Bmes => "bmes",
+        }
+    }
+
+    /// The prefixes (before `-TYPE`) this scheme allows.
+    pub fn prefixes(self) -> &'static [char] {
+        match self {
+            TagScheme::Bio => &['B', 'I'],
+            TagScheme::Bioes => &['B', 'I', 'E', 'S'],
+            TagScheme::Bmes => &['B', 'M', 'E', 'S'],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -43,6 +94,10 @@ pub struct DataSection {
     /// Draw as evenly from every label as the split allows.
     #[serde(default)]
     pub balanced: bool,
+    /// Token classification (CoNLL files): the tagging scheme. Detected from the training tags
+    /// when absent (`M-` → bmes, `E-`/`S-` with `I-` → bioes, else bio); every tag is checked against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_scheme: Option<TagScheme>,
     /// Unlabeled text for pretraining and for training the tokenizer.
     pub corpus: Option<SourceSpec>,
     pub train: SourceSpec,
@@ -66,6 +121,16 @@ pub struct SourceSpec {
     pub label: Option<String>,
     /// Read at most this many examples (after skipping bad lines), in file order.
     pub limit: Option<usize>,
+}
+
+impl DataSection {
+    /// Whether the labelled splits are CoNLL token-classification files (decided by the training split).
+    pub fn tagging(&self) -> bool {
+        self.train
+            .paths
+            .first()
+            .is_some_and(|p| self.train.format.resolve(std::path::Path::new(p)) == Format::Conll)
+    }
 }
 
 fn default_root() -> String {

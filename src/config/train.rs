@@ -116,6 +116,19 @@ pub struct PretrainSection {
 pub enum SelectMetric {
     Accuracy,
     MacroF1,
+    /// Token classification: micro entity F1 (exact spans); the default there.
+    EntityF1,
+}
+
+impl SelectMetric {
+    /// The metric's name in results and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            SelectMetric::Accuracy => "accuracy",
+            SelectMetric::MacroF1 => "macro_f1",
+            SelectMetric::EntityF1 => "entity_f1",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -3,10 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use super::data::Format;
 use super::data::SourceSpec;
 use super::experiment::valid_name;
 use super::model::TokenizerKind;
-use super::train::{Objective, OptimSection};
+use super::train::{Objective, OptimSection, SelectMetric};
 use super::{Diagnostic, Experiment, Places, RawDoc};
 
 struct Checker<'a> {
@@ -68,6 +69,10 @@ pub(super) fn check(
     data(&mut c, &raw, &data_root);
     report(&mut c, &raw);
     let mut raw = raw;
+    // Token classification selects on entity F1 unless the file says otherwise.
+    if raw.data.tagging() && !places.is_set("finetune.select_metric") {
+        raw.finetune.select_metric = SelectMetric::EntityF1;
+    }
     // Segment embeddings: on for sentence pairs unless the file says otherwise. Without pairs
     // nothing is written out (or hashed), so those files keep their cache keys. Idempotent: every
     // trial of a sweep is checked again from the resolved document.
@@ -333,6 +338,32 @@ fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
             || format!("`data.split` must be a number or a name, got {split}"),
         );
     }
+    let tagging = d.tagging();
+    if d.tag_scheme.is_some() && !tagging {
+        c.fail(
+            "data.tag_scheme",
+            "`data.tag_scheme` applies to token classification: the training split is not a CoNLL file (format = \"conll\")".into(),
+        );
+    }
+    if d.balanced && tagging {
+        c.fail(
+            "data.balanced",
+            "`data.balanced` draws evenly per label, but a tagged sentence has no single label: remove it".into(),
+        );
+    }
+    let f = &raw.finetune;
+    if tagging && matches!(f.method.name(), "zero_shot" | "pet") {
+        c.fail(
+            "finetune.method",
+            format!("finetune.method = \"{}\" scores one label per text; token classification (CoNLL data) needs a method that trains a tagging head: full, linear_probe, lora, adapter or prefix", f.method.name()),
+        );
+    }
+    if f.select_metric == SelectMetric::EntityF1 && !tagging {
+        c.fail(
+            "finetune.select_metric",
+            "`select_metric = \"entity_f1\"` needs token classification (CoNLL data); use \"accuracy\" or \"macro_f1\"".into(),
+        );
+    }
     c.require(root.is_dir(), "data.root", || {
         format!("data root is not a folder: {}", root.display())
     });
@@ -372,7 +403,28 @@ fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
                 });
             }
         }
-        if labelled && spec.label.is_none() {
+        let conll = spec
+            .paths
+            .first()
+            .is_some_and(|p| spec.format.resolve(Path::new(p)) == Format::Conll);
+        if labelled && conll != tagging {
+            let (train, this) = if tagging {
+                ("a CoNLL file (token classification)", "is not")
+            } else {
+                ("not a CoNLL file", "is")
+            };
+            c.fail(
+                &format!("data.{name}"),
+                format!("the training split is {train} but [data.{name}] {this}: every labelled split must be read the same way (see `format`)"),
+            );
+        }
+        if conll && spec.text_pair.is_some() {
+            c.fail(
+                &format!("data.{name}.text_pair"),
+                "`text_pair` does not apply to CoNLL files (one token and tag per line)".into(),
+            );
+        }
+        if labelled && spec.label.is_none() && !conll {
             c.fail(
                 &format!("data.{name}"),
                 format!("[data.{name}] needs `label`: the field that holds each example's label"),

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 pub use read::{DataError, Example, Skipped, Split};
 
+use crate::config::data::TagScheme;
 use crate::config::Experiment;
 
 /// Seeds the label-efficiency draw (a stream of its own, beside shuffling and masking).
@@ -19,8 +20,12 @@ pub struct Datasets {
     pub train: Split,
     pub dev: Option<Split>,
     pub test: Option<Split>,
-    /// Sorted label names from the training split; a label's index is its class id.
+    /// Sorted label names from the training split; a label's index is its class id. For token
+    /// classification: every tag of every labelled split (a tag the training split lacks still
+    /// counts against recall).
     pub labels: Vec<String>,
+    /// Token classification: the tagging scheme, given or detected.
+    pub scheme: Option<TagScheme>,
 }
 
 impl Datasets {
@@ -40,6 +45,30 @@ impl Datasets {
                 message: "the training split has no usable examples".into(),
             });
         }
+        if d.tagging() {
+            let splits: Vec<&Split> = [Some(&train), dev.as_ref(), test.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            let scheme = d.tag_scheme.unwrap_or_else(|| detect_scheme(&train));
+            check_tags(&splits, scheme)?;
+            // `O` always has a class: words cut by truncation are predicted as it.
+            let labels = splits
+                .iter()
+                .flat_map(|s| s.examples.iter().flat_map(|e| e.tags.iter().cloned()))
+                .chain(std::iter::once("O".to_string()))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            return Ok(Self {
+                corpus,
+                train,
+                dev,
+                test,
+                labels,
+                scheme: Some(scheme),
+            });
+        }
         let labels: Vec<String> = train
             .examples
             .iter()
@@ -56,6 +85,7 @@ impl Datasets {
             dev,
             test,
             labels,
+            scheme: None,
         })
     }
 
@@ -75,7 +105,8 @@ impl Datasets {
                 ),
             });
         }
-        let mut keep: Vec<usize> = if balanced {
+        // A sentence of tags has no one label to balance by.
+        let mut keep: Vec<usize> = if balanced && self.scheme.is_none() {
             let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); self.labels.len()];
             for (i, e) in self.train.examples.iter().enumerate() {
                 if let Some(c) = e.label.as_deref().and_then(|l| self.class_of(l)) {
@@ -139,6 +170,62 @@ impl Datasets {
     }
 }
 
+/// The scheme the training tags are written in: `M-` only occurs in BMES, `I-` with `E-`/`S-` in
+/// BIOES; anything else reads as BIO (whose check then names any `E-`/`S-`/`M-` tag).
+fn detect_scheme(train: &Split) -> TagScheme {
+    let has = |p: &str| {
+        train
+            .examples
+            .iter()
+            .any(|e| e.tags.iter().any(|t| t.starts_with(p)))
+    };
+    if has("M-") {
+        TagScheme::Bmes
+    } else if has("E-") || has("S-") {
+        if has("I-") || !has("B-") {
+            TagScheme::Bioes
+        } else {
+            // B-, E-, S- without I- or M-: BMES and BIOES read the same; BMES is the usual name.
+            TagScheme::Bmes
+        }
+    } else {
+        TagScheme::Bio
+    }
+}
+
+/// Every tag whose prefix the scheme does not have, reported together with its line (a sentence's
+/// tokens are on consecutive lines from `Example::line`).
+fn check_tags(splits: &[&Split], scheme: TagScheme) -> Result<(), DataError> {
+    let allowed = scheme.prefixes();
+    let mut problems = Vec::new();
+    for split in splits {
+        for e in &split.examples {
+            for (i, tag) in e.tags.iter().enumerate() {
+                let prefix = tag.chars().next().unwrap_or('O');
+                if tag != "O" && !allowed.contains(&prefix) {
+                    problems.push((
+                        e.file.to_path_buf(),
+                        e.line + i,
+                        format!("tag {tag:?} is not a {} tag", scheme.name().to_uppercase()),
+                    ));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let prefixes: Vec<String> = allowed.iter().map(|p| format!("{p}-")).collect();
+    Err(DataError::Lines {
+        problems,
+        hint: format!(
+            "(data.tag_scheme = \"{}\" allows O and {}; set data.tag_scheme to the file's scheme)",
+            scheme.name(),
+            prefixes.join(", ")
+        ),
+    })
+}
+
 /// Every dev/test example whose label the training split lacks, reported together.
 fn check_labels(split: &Split, labels: &[String]) -> Result<(), DataError> {
     let unseen: Vec<&Example> = split
@@ -189,6 +276,7 @@ mod tests {
                 label: Some(l.to_string()),
                 file: file.clone(),
                 line: i + 1,
+                ..Example::default()
             })
             .collect();
         Datasets {
@@ -200,6 +288,7 @@ mod tests {
             dev: None,
             test: None,
             labels: vec!["a".into(), "b".into(), "c".into()],
+            scheme: None,
         }
     }
 
@@ -224,5 +313,52 @@ mod tests {
         let mut too_many = datasets();
         let err = too_many.sample_train(13, false, 1).expect_err("only 12");
         assert!(err.to_string().contains("has 12 examples"), "{err}");
+    }
+
+    fn tagged(sentences: &[&str]) -> Split {
+        let file = Arc::new(PathBuf::from("t.conll"));
+        let mut line = 1;
+        let examples = sentences
+            .iter()
+            .map(|s| {
+                let tags: Vec<String> = s.split(' ').map(str::to_string).collect();
+                let e = Example {
+                    words: tags.iter().map(|_| "x".to_string()).collect(),
+                    tags,
+                    file: file.clone(),
+                    line,
+                    ..Example::default()
+                };
+                line += e.tags.len() + 1;
+                e
+            })
+            .collect();
+        Split {
+            examples,
+            skipped: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn tag_schemes_are_detected_and_enforced() {
+        let bmes = tagged(&["B-NAME M-NAME E-NAME O", "S-RACE O"]);
+        let bioes = tagged(&["B-PER I-PER E-PER", "S-LOC"]);
+        let bio = tagged(&["B-PER I-PER O", "B-LOC"]);
+        assert_eq!(detect_scheme(&bmes), TagScheme::Bmes);
+        assert_eq!(detect_scheme(&bioes), TagScheme::Bioes);
+        assert_eq!(detect_scheme(&bio), TagScheme::Bio);
+        assert!(check_tags(&[&bmes], TagScheme::Bmes).is_ok());
+        // BIO tags are valid BIOES; BMES tags are not BIO: each bad tag is named with its line.
+        assert!(check_tags(&[&bio], TagScheme::Bioes).is_ok());
+        let err = check_tags(&[&bmes], TagScheme::Bio)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.conll:2: tag \"M-NAME\" is not a BIO tag"),
+            "{err}"
+        );
+        assert!(err.contains("t.conll:3: tag \"E-NAME\""), "{err}");
+        assert!(err.contains("t.conll:6: tag \"S-RACE\""), "{err}");
+        assert!(err.contains("allows O and B-, I-"), "{err}");
     }
 }

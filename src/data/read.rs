@@ -1,17 +1,22 @@
 //! Readers for JSON Lines, CSV/TSV and plain-text files with a field mapping. Every problem names its
 //! file and line; bad lines are skipped and counted or stop the run, as `data.on_error` says.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::data::{Format, OnError, SourceSpec};
 
-/// One text (or text pair) with its label, and the place it came from.
-#[derive(Debug, Clone)]
+/// One text (or text pair) with its label, or a tagged sentence, and the place it came from.
+#[derive(Debug, Clone, Default)]
 pub struct Example {
+    /// For a CoNLL sentence: its tokens joined by spaces.
     pub text: String,
     pub text_pair: Option<String>,
     pub label: Option<String>,
+    /// A CoNLL sentence's tokens, one per line of the file from `line` on.
+    pub words: Vec<String>,
+    /// The tag of each token (labelled splits of CoNLL files only).
+    pub tags: Vec<String>,
     pub file: Arc<PathBuf>,
     pub line: usize,
 }
@@ -101,10 +106,11 @@ pub fn read_source(
             limit: spec.limit,
             errors: Vec::new(),
         };
-        match resolve_format(spec.format, &file) {
+        match spec.format.resolve(&file) {
             Format::Csv => read_delimited(&mut sink, &fields, b',')?,
             Format::Tsv => read_delimited(&mut sink, &fields, b'\t')?,
             Format::Jsonl => read_jsonl(&mut sink, &fields)?,
+            Format::Conll => read_conll(&mut sink, labelled)?,
             Format::Text | Format::Auto => read_text(&mut sink)?,
         }
         if !sink.errors.is_empty() {
@@ -122,18 +128,6 @@ pub fn read_source(
         }
     }
     Ok(split)
-}
-
-fn resolve_format(format: Format, file: &Path) -> Format {
-    if format != Format::Auto {
-        return format;
-    }
-    match file.extension().and_then(|e| e.to_str()) {
-        Some("json" | "jsonl" | "ndjson") => Format::Jsonl,
-        Some("csv") => Format::Csv,
-        Some("tsv") => Format::Tsv,
-        _ => Format::Text,
-    }
 }
 
 /// Collects examples from one file, applying the error policy and the limit.
@@ -176,6 +170,7 @@ impl Sink<'_> {
             label,
             file: self.file.clone(),
             line,
+            ..Example::default()
         });
     }
 
@@ -259,6 +254,85 @@ fn read_jsonl(sink: &mut Sink, fields: &Fields) -> Result<(), DataError> {
     Ok(())
 }
 
+/// Whether `tag` is `O` or a one-letter prefix (B, I, M, E, S), `-` and an entity type. Which
+/// prefixes a file may use is the scheme's business (`Datasets::load`).
+fn tag_syntax_ok(tag: &str) -> bool {
+    tag == "O"
+        || tag
+            .split_once('-')
+            .is_some_and(|(p, ty)| matches!(p, "B" | "I" | "M" | "E" | "S") && !ty.is_empty())
+}
+
+/// Ends a CoNLL sentence: kept unless one of its lines was bad.
+fn flush(
+    sink: &mut Sink,
+    words: &mut Vec<String>,
+    tags: &mut Vec<String>,
+    start: usize,
+    bad: bool,
+) {
+    if !words.is_empty() && !bad && !sink.full() {
+        sink.split.examples.push(Example {
+            text: words.join(" "),
+            words: std::mem::take(words),
+            tags: std::mem::take(tags),
+            file: sink.file.clone(),
+            line: start,
+            ..Example::default()
+        });
+    }
+    words.clear();
+    tags.clear();
+}
+
+/// CoNLL: a token and a tag per line (first and last column, split on ASCII whitespace so a
+/// full-width space stays a token), blank lines between sentences, `-DOCSTART-` lines ignored,
+/// LF or CRLF. A bad line makes its whole sentence bad: dropping one token would shift the
+/// entities around it.
+fn read_conll(sink: &mut Sink, labelled: bool) -> Result<(), DataError> {
+    let content = sink.read_to_string()?;
+    let (mut words, mut tags) = (Vec::new(), Vec::new());
+    let (mut start, mut bad) = (0, false);
+    for (i, line) in content.lines().enumerate() {
+        if sink.full() {
+            break;
+        }
+        let line_no = i + 1;
+        let line = line.trim_end_matches('\r');
+        let columns: Vec<&str> = line.split_ascii_whitespace().collect();
+        if columns.is_empty() || columns[0] == "-DOCSTART-" {
+            flush(sink, &mut words, &mut tags, start, bad);
+            bad = false;
+            continue;
+        }
+        if words.is_empty() && !bad {
+            start = line_no;
+        }
+        let tag = columns[columns.len() - 1];
+        if labelled && columns.len() < 2 {
+            sink.bad(
+                line_no,
+                format!("expected a token and its tag, found only {line:?}"),
+            );
+            bad = true;
+        } else if labelled && !tag_syntax_ok(tag) {
+            sink.bad(
+                line_no,
+                format!(
+                    "tag {tag:?} is neither `O` nor a B-/I-/M-/E-/S- prefix with an entity type"
+                ),
+            );
+            bad = true;
+        }
+        words.push(columns[0].to_string());
+        if labelled {
+            tags.push(tag.to_string());
+        }
+    }
+    flush(sink, &mut words, &mut tags, start, bad);
+    Ok(())
+}
+
 /// 1-based line number of the record starting at a byte offset. After a CRLF row the csv reader
 /// reports the next row as starting at the `\n`, so line breaks at the offset are skipped first.
 fn line_at(content: &str, byte: u64) -> usize {
@@ -328,6 +402,7 @@ fn read_delimited(sink: &mut Sink, fields: &Fields, delimiter: u8) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn spec(path: &str, format: Format, label: Option<&str>) -> SourceSpec {
         SourceSpec {
@@ -420,6 +495,60 @@ mod tests {
         let s = read_source(&sp, &|p| dir.path().join(p), OnError::Error, true).unwrap();
         assert_eq!(s.examples.len(), 1);
         assert_eq!(s.examples[0].label.as_deref(), Some("100"));
+    }
+
+    #[test]
+    fn conll_reads_sentences_with_crlf_or_lf_and_names_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        // CRLF, a DOCSTART line, extra middle columns, a full-width space token, trailing blank lines.
+        write(
+            dir.path(),
+            "a.bmes",
+            "-DOCSTART- O\r\n\r\n高 B-NAME\r\n勇 E-NAME\r\n，\tx\tO\r\n\r\n\u{3000} O\r\n男 S-GENDER\r\n\r\n\r\n",
+        );
+        let s = read_source(
+            &spec("a.bmes", Format::Auto, None),
+            &|p| dir.path().join(p),
+            OnError::Error,
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.examples.len(), 2);
+        let first = &s.examples[0];
+        assert_eq!(first.words, ["高", "勇", "，"]);
+        assert_eq!(first.tags, ["B-NAME", "E-NAME", "O"]);
+        assert_eq!((first.text.as_str(), first.line), ("高 勇 ，", 3));
+        assert_eq!(s.examples[1].words, ["\u{3000}", "男"]);
+        assert_eq!(s.examples[1].line, 7);
+        // Unlabelled (a corpus): tags are not kept.
+        let corpus = read_source(
+            &spec("a.bmes", Format::Conll, None),
+            &|p| dir.path().join(p),
+            OnError::Error,
+            false,
+        )
+        .unwrap();
+        assert!(corpus.examples.iter().all(|e| e.tags.is_empty()));
+
+        // LF; a line without a tag and a malformed tag: both named, their sentences left out.
+        write(
+            dir.path(),
+            "b.conll",
+            "EU B-ORG\nrejects O\n\nGerman\ncall O\n\nPeter B-PER\nBlackburn PER\n\nok O\n",
+        );
+        let b = spec("b.conll", Format::Auto, None);
+        let err = read_source(&b, &|p| dir.path().join(p), OnError::Error, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("b.conll:4: expected a token and its tag"),
+            "{err}"
+        );
+        assert!(err.contains("b.conll:8: tag \"PER\" is neither"), "{err}");
+        let s = read_source(&b, &|p| dir.path().join(p), OnError::Skip, true).unwrap();
+        let kept: Vec<usize> = s.examples.iter().map(|e| e.line).collect();
+        assert_eq!(kept, [1, 10]);
+        assert_eq!(s.skipped.len(), 2);
     }
 
     #[test]

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::config::train::SelectMetric;
 use crate::config::Experiment;
 use crate::data::{DataError, Datasets};
 use crate::metrics::Store;
@@ -154,8 +153,9 @@ pub struct Outcome {
     pub report: PathBuf,
     /// `(trial, status)` in order.
     pub trials: Vec<(String, TrialStatus)>,
-    /// Test accuracy of a single-trial run.
-    pub test_accuracy: Option<f64>,
+    /// The headline test score of a single-trial run: accuracy, or entity F1 for token
+    /// classification, with its name.
+    pub test_score: Option<(&'static str, f64)>,
 }
 
 /// Reads every split and checks labels, without training: the data half of `xrun validate`.
@@ -230,9 +230,11 @@ pub fn study_meta(exp: &Experiment, trials: &[Trial], statuses: &[TrialStatus]) 
         config_toml: exp.resolved_toml(),
         axes,
         group_keys,
-        select_metric: match exp.raw.finetune.select_metric {
-            SelectMetric::Accuracy => "accuracy".into(),
-            SelectMetric::MacroF1 => "macro_f1".into(),
+        select_metric: exp.raw.finetune.select_metric.name().into(),
+        test_metrics: if exp.raw.data.tagging() {
+            ("entity_f1".into(), "accuracy".into())
+        } else {
+            ("accuracy".into(), "macro_f1".into())
         },
         tables: exp.raw.report.table.clone(),
         trials: metas,
@@ -363,23 +365,30 @@ fn run_on<B: AutodiffBackend>(
             code: 1,
         });
     }
-    let test_accuracy = match runs.as_slice() {
-        [one] => one.store.result("test", "accuracy"),
+    let test_score = match runs.as_slice() {
+        [one] => headline(&one.store, "test"),
         _ => None,
     };
     Ok(Outcome {
         run_dir,
         report,
         trials: outcome_trials,
-        test_accuracy,
+        test_score,
     })
+}
+
+/// A split's headline score: entity F1 for token classification, accuracy otherwise.
+fn headline(store: &Store, split: &str) -> Option<(&'static str, f64)> {
+    match store.result(split, "entity_f1") {
+        Some(f1) => Some(("entity F1", f1)),
+        None => store.result(split, "accuracy").map(|a| ("accuracy", a)),
+    }
 }
 
 fn trial_line(label: &str, r: &trial::TrialRun) -> String {
     let score = |split: &str| {
-        r.store
-            .result(split, "accuracy")
-            .map(|a| format!(" {split} accuracy {:.2}%", a * 100.0))
+        headline(&r.store, split)
+            .map(|(name, v)| format!(" {split} {name} {:.2}%", v * 100.0))
             .unwrap_or_default()
     };
     let cached = r.summary.stages.iter().filter(|s| s.cached).count();

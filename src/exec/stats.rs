@@ -3,9 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::tasks::Labelled;
+use std::collections::BTreeMap;
+
+use super::tasks::{Labelled, Tagged};
 use crate::data::batch::rng;
 use crate::data::{Datasets, Skipped, Split};
+use crate::metrics::tagging::spans;
 use crate::tokenizer::{TextTokenizer, TokenizerError};
 use rand::seq::SliceRandom;
 
@@ -23,7 +26,7 @@ pub struct SplitStats {
     pub unk_rate: f64,
     /// `length_counts[n]`: examples of `n` tokens.
     pub length_counts: Vec<usize>,
-    /// `(label, count)` in label order; empty for the corpus.
+    /// `(label, count)` in label order; entities by type for token classification; empty for the corpus.
     pub labels: Vec<(String, usize)>,
 }
 
@@ -47,8 +50,27 @@ fn encode_split(
     let mut classes = Vec::with_capacity(split.examples.len());
     let (mut truncated, mut unk, mut tokens) = (0, 0usize, 0usize);
     let mut counts = vec![0usize; data.labels.len()];
+    // Token classification (a labelled CoNLL split): positions and tag classes per sentence, and
+    // entity counts by type for the label chart.
+    let tagging = data.scheme.is_some() && name != "corpus";
+    let mut tagged = Tagged {
+        positions: Vec::new(),
+        tags: Vec::new(),
+    };
+    let mut entity_counts: BTreeMap<String, usize> = BTreeMap::new();
     for e in &split.examples {
-        let (seq, cut) = tok.encode(&e.text, e.text_pair.as_deref(), max_len)?;
+        let (seq, cut) = if tagging {
+            let (seq, positions, cut) = tok.encode_words(&e.words, max_len)?;
+            let tags = e.tags.iter().filter_map(|t| data.class_of(t)).collect();
+            tagged.positions.push(positions);
+            tagged.tags.push(tags);
+            for s in spans(&e.tags) {
+                *entity_counts.entry(s.kind.to_string()).or_default() += 1;
+            }
+            (seq, cut)
+        } else {
+            tok.encode(&e.text, e.text_pair.as_deref(), max_len)?
+        };
         truncated += usize::from(cut);
         let body = seq.iter().filter(|&&t| !tok.specials.contains(t));
         for &t in body {
@@ -74,11 +96,21 @@ fn encode_split(
         length_counts: counts_by_length(&lengths),
         labels: if name == "corpus" {
             Vec::new()
+        } else if tagging {
+            entity_counts.into_iter().collect()
         } else {
             data.labels.iter().cloned().zip(counts).collect()
         },
     };
-    Ok((Labelled { ids, classes }, stats))
+    let tagged = tagging.then_some(tagged);
+    Ok((
+        Labelled {
+            ids,
+            classes,
+            tagged,
+        },
+        stats,
+    ))
 }
 
 fn counts_by_length(lengths: &[usize]) -> Vec<usize> {

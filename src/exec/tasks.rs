@@ -9,6 +9,7 @@ use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
 use crate::config::train::{Objective, SelectMetric};
 use crate::data::batch::{self, Padded, Targets};
 use crate::metrics::classification::{score, Scores};
+use crate::metrics::tagging::score_entities;
 use crate::model::{Classifier, LmModel, Pool};
 use crate::tokenizer::Specials;
 use crate::train::{Evaluation, Task};
@@ -146,13 +147,40 @@ impl<B: AutodiffBackend> Task<B> for PretrainTask<'_, B> {
 /// Token ids and class ids of one labelled split.
 pub struct Labelled {
     pub ids: Vec<Vec<u32>>,
+    /// One class per example (sequence classification; empty for token classification).
     pub classes: Vec<usize>,
+    /// Token classification: where each word's tag is predicted, and every word's tag.
+    pub tagged: Option<Tagged>,
+}
+
+/// The tags of a split's sentences.
+pub struct Tagged {
+    /// Per sentence, the token position of each word that fit in `max_len`.
+    pub positions: Vec<Vec<u32>>,
+    /// Per sentence, the tag class of every word, including words cut by truncation (those are
+    /// predicted `O`, so they count against recall).
+    pub tags: Vec<Vec<usize>>,
+}
+
+impl Tagged {
+    /// Flat indices into `[rows.len() * seq]` and the tag to predict there, for a batch of `rows`.
+    fn gather(&self, rows: &[usize], seq: usize) -> (Vec<i32>, Vec<i32>) {
+        let (mut positions, mut targets) = (Vec::new(), Vec::new());
+        for (r, &i) in rows.iter().enumerate() {
+            for (&p, &t) in self.positions[i].iter().zip(&self.tags[i]) {
+                positions.push((r * seq) as i32 + p as i32);
+                targets.push(t as i32);
+            }
+        }
+        (positions, targets)
+    }
 }
 
 pub struct FinetuneTask<'a, B: Backend> {
     pub train: &'a Labelled,
     pub dev: Option<&'a Labelled>,
-    pub classes: usize,
+    /// Class names (labels, or tags for token classification).
+    pub labels: &'a [String],
     pub pool: Pool,
     pub pad_id: u32,
     pub batch_size: usize,
@@ -160,6 +188,36 @@ pub struct FinetuneTask<'a, B: Backend> {
     pub select: SelectMetric,
     pub seed: u64,
     pub device: B::Device,
+}
+
+/// Predicted tag classes of every word of every sentence of a tagged `split`; words cut by
+/// truncation get `outside` (the class of `O`).
+pub fn predict_tags<B: Backend>(
+    model: &Classifier<B>,
+    split: &Labelled,
+    tagged: &Tagged,
+    outside: usize,
+    pad_id: u32,
+    batch_size: usize,
+    device: &B::Device,
+) -> Vec<Vec<usize>> {
+    let mut out = Vec::with_capacity(split.ids.len());
+    let rows: Vec<usize> = (0..split.ids.len()).collect();
+    for chunk in rows.chunks(batch_size) {
+        let refs: Vec<&[u32]> = chunk.iter().map(|&i| split.ids[i].as_slice()).collect();
+        let padded = batch::pad(&refs, pad_id);
+        let (positions, _) = tagged.gather(chunk, padded.seq);
+        let (ids, pad) = ids_tensor::<B>(&padded, device);
+        let logits = model.forward_tokens(ids, pad, int_tensor::<B>(&positions, device));
+        let predicted = logits.argmax(1).into_data().convert::<i64>();
+        let mut flat = predicted.iter::<i64>().map(|c| c as usize);
+        for &i in chunk {
+            let mut tags: Vec<usize> = flat.by_ref().take(tagged.positions[i].len()).collect();
+            tags.resize(tagged.tags[i].len(), outside);
+            out.push(tags);
+        }
+    }
+    out
 }
 
 /// Predicted classes for every example of `split`, in order.
@@ -182,17 +240,32 @@ pub fn predict<B: Backend>(
     out
 }
 
+/// Scores a split: accuracy and F1 over examples, or for token classification over words, with
+/// entity-level scores beside.
 pub fn evaluate_split<B: Backend>(
     model: &Classifier<B>,
     split: &Labelled,
-    classes: usize,
+    labels: &[String],
     pool: Pool,
     pad_id: u32,
     batch_size: usize,
     device: &B::Device,
 ) -> Scores {
-    let predicted = predict(model, split, pool, pad_id, batch_size, device);
-    score(&split.classes, &predicted, classes)
+    let Some(tagged) = &split.tagged else {
+        let predicted = predict(model, split, pool, pad_id, batch_size, device);
+        return score(&split.classes, &predicted, labels.len());
+    };
+    let outside = labels.iter().position(|l| l == "O").unwrap_or(0);
+    let predicted = predict_tags(model, split, tagged, outside, pad_id, batch_size, device);
+    let flat = |t: &[Vec<usize>]| t.iter().flatten().copied().collect::<Vec<_>>();
+    let mut scores = score(&flat(&tagged.tags), &flat(&predicted), labels.len());
+    let names = |t: &[Vec<usize>]| -> Vec<Vec<&str>> {
+        t.iter()
+            .map(|s| s.iter().map(|&c| labels[c].as_str()).collect())
+            .collect()
+    };
+    scores.entities = Some(score_entities(&names(&tagged.tags), &names(&predicted)));
+    scores
 }
 
 impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
@@ -210,9 +283,19 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
 
     fn loss(&self, model: &Classifier<B>, rows: &Vec<usize>) -> Tensor<B, 1> {
         let refs: Vec<&[u32]> = rows.iter().map(|&i| self.train.ids[i].as_slice()).collect();
-        let (ids, pad) = ids_tensor::<B>(&batch::pad(&refs, self.pad_id), &self.device);
-        let labels: Vec<i32> = rows.iter().map(|&i| self.train.classes[i] as i32).collect();
-        let logits = model.forward(ids, pad, self.pool);
+        let padded = batch::pad(&refs, self.pad_id);
+        let (ids, pad) = ids_tensor::<B>(&padded, &self.device);
+        let (logits, labels) = match &self.train.tagged {
+            Some(tagged) => {
+                let (positions, tags) = tagged.gather(rows, padded.seq);
+                let positions = int_tensor::<B>(&positions, &self.device);
+                (model.forward_tokens(ids, pad, positions), tags)
+            }
+            None => {
+                let labels = rows.iter().map(|&i| self.train.classes[i] as i32).collect();
+                (model.forward(ids, pad, self.pool), labels)
+            }
+        };
         CrossEntropyLossConfig::new()
             .init(&self.device)
             .forward(logits, int_tensor::<B>(&labels, &self.device))
@@ -229,7 +312,7 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
         let s = evaluate_split(
             model,
             dev,
-            self.classes,
+            self.labels,
             self.pool,
             self.pad_id,
             self.eval_batch_size,
@@ -241,16 +324,22 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
 
 /// A dev split's scores as the training loop sees them: the selection score and the records.
 pub fn dev_evaluation(s: &Scores, select: SelectMetric) -> Evaluation {
+    let entity_f1 = s.entities.as_ref().map(|e| e.f1);
     let score = match select {
         SelectMetric::Accuracy => s.accuracy,
         SelectMetric::MacroF1 => s.macro_f1,
+        SelectMetric::EntityF1 => entity_f1.unwrap_or(0.0),
     };
+    let mut metrics = vec![
+        ("dev".into(), "accuracy".into(), s.accuracy),
+        ("dev".into(), "macro_f1".into(), s.macro_f1),
+    ];
+    if let Some(f1) = entity_f1 {
+        metrics.push(("dev".into(), "entity_f1".into(), f1));
+    }
     Evaluation {
         score: Some(score),
-        metrics: vec![
-            ("dev".into(), "accuracy".into(), s.accuracy),
-            ("dev".into(), "macro_f1".into(), s.macro_f1),
-        ],
+        metrics,
     }
 }
 
@@ -325,11 +414,12 @@ mod tests {
                 .map(|i| vec![2, 5 + i % 30, 6 + i % 7, 3])
                 .collect(),
             classes: (0..24).map(|i| i % 3).collect(),
+            tagged: None,
         };
         let task = FinetuneTask::<CpuTrain> {
             train: &train,
             dev: None,
-            classes: 3,
+            labels: &["a".into(), "b".into(), "c".into()],
             pool: Pool::First,
             pad_id: 0,
             batch_size: 8,

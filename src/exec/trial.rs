@@ -176,6 +176,7 @@ fn stages<B: AutodiffBackend>(
     };
     let mut data = Datasets::load(exp).map_err(data_error)?;
     summary.labels = data.labels.clone();
+    summary.tag_scheme = data.scheme.map(|s| s.name().to_string());
     summary
         .stage_times
         .push(("data".into(), started.elapsed().as_secs_f64()));
@@ -674,7 +675,7 @@ fn finetune_stage<B: AutodiffBackend>(
     let task = FinetuneTask::<B> {
         train: &encoded.train,
         dev: encoded.dev.as_ref(),
-        classes,
+        labels: &data.labels,
         pool,
         pad_id: encoded.pad_id,
         batch_size: f.batch_size,
@@ -1002,15 +1003,8 @@ fn evaluate<B: Backend>(
     ];
     for (name, split) in splits {
         let Some(split) = split else { continue };
-        let scores = tasks::evaluate_split(
-            model,
-            split,
-            labels.len(),
-            pool,
-            encoded.pad_id,
-            batch,
-            device,
-        );
+        let scores =
+            tasks::evaluate_split(model, split, labels, pool, encoded.pad_id, batch, device);
         summary.scores.push((name.to_string(), scores));
     }
 }

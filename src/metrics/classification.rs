@@ -19,6 +19,9 @@ pub struct Scores {
     /// `confusion[true][predicted]`.
     pub confusion: Vec<Vec<usize>>,
     pub n: usize,
+    /// Token classification: entity-level scores (the fields above then count tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<super::tagging::EntityScores>,
 }
 
 /// Precision, recall and F1 are 0 where undefined (no predictions / no support), as scikit-learn's
@@ -62,6 +65,7 @@ pub fn score(truth: &[usize], predicted: &[usize], classes: usize) -> Scores {
         per_class,
         confusion,
         n,
+        entities: None,
     }
 }
 

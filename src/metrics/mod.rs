@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod classification;
+pub mod tagging;
 
 use std::path::Path;
 
@@ -94,12 +95,31 @@ impl Store {
         };
         row("accuracy", None, s.accuracy);
         row("macro_f1", None, s.macro_f1);
-        row("examples", None, s.n as f64);
+        // Token classification counts tokens; the entity count follows below.
+        let count = if s.entities.is_some() {
+            "tokens"
+        } else {
+            "examples"
+        };
+        row(count, None, s.n as f64);
         for (c, label) in s.per_class.iter().zip(labels) {
             row("precision", Some(label), c.precision);
             row("recall", Some(label), c.recall);
             row("f1", Some(label), c.f1);
             row("support", Some(label), c.support as f64);
+        }
+        if let Some(e) = &s.entities {
+            row("entity_precision", None, e.precision);
+            row("entity_recall", None, e.recall);
+            row("entity_f1", None, e.f1);
+            row("entity_macro_f1", None, e.macro_f1);
+            row("entities", None, e.gold as f64);
+            for (kind, c) in &e.per_type {
+                row("entity_precision", Some(kind), c.precision);
+                row("entity_recall", Some(kind), c.recall);
+                row("entity_f1", Some(kind), c.f1);
+                row("entities", Some(kind), c.support as f64);
+            }
         }
     }
 

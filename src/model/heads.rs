@@ -71,6 +71,18 @@ impl<B: Backend> ClassifierHead<B> {
         let pooled = pool_hidden(hidden, pad, pool);
         self.output.forward(self.dropout.forward(pooled))
     }
+
+    /// Token classification: logits `[n, classes]` at `positions` (flat indices into `batch * seq`),
+    /// gathered before the projection as the LM head does.
+    pub fn forward_positions(
+        &self,
+        hidden: Tensor<B, 3>,
+        positions: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 2> {
+        let [batch, seq, d] = hidden.dims();
+        let picked = hidden.reshape([batch * seq, d]).select(0, positions);
+        self.output.forward(self.dropout.forward(picked))
+    }
 }
 
 fn pool_hidden<B: Backend>(

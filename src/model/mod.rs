@@ -465,4 +465,15 @@ impl<B: Backend> Classifier<B> {
         let hidden = self.backbone.forward(ids, pad.clone());
         self.head.forward(hidden, pad, pool)
     }
+
+    /// Tag logits `[n, classes]` at `positions` (flat indices into `batch * seq`).
+    pub fn forward_tokens(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad: Tensor<B, 2, Bool>,
+        positions: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 2> {
+        let hidden = self.backbone.forward(ids, pad);
+        self.head.forward_positions(hidden, positions)
+    }
 }

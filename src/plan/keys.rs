@@ -166,6 +166,10 @@ struct FinetuneInputs<'a> {
     train_sample: Option<Sample>,
     dev: Option<Source<'a>>,
     test: Option<Source<'a>>,
+    /// Token classification's `data.tag_scheme` when the file gives one (the tags are checked
+    /// against it), absent otherwise so other keys stay as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag_scheme: Option<crate::config::data::TagScheme>,
 }
 
 /// `data.train_examples` / `train_fraction` / `balanced`.
@@ -290,6 +294,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
             .as_ref()
             .map(|s| source(exp, s, hashes))
             .transpose()?,
+        tag_scheme: d.tag_scheme,
     });
     Ok(StageKeys {
         tokenizer,

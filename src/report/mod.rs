@@ -44,6 +44,9 @@ pub struct RunSummary {
     pub data_root: String,
     pub data: Vec<SplitStats>,
     pub labels: Vec<String>,
+    /// Token classification: the tagging scheme (`labels` are then the tags).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_scheme: Option<String>,
     pub tokenizer: String,
     pub vocab_requested: usize,
     /// Filled in as the stages get that far.
@@ -114,6 +117,7 @@ impl RunSummary {
                 .to_string(),
             data: Vec::new(),
             labels: Vec::new(),
+            tag_scheme: None,
             tokenizer: format!("{:?}", exp.raw.tokenizer.kind).to_lowercase(),
             vocab_requested: exp.raw.tokenizer.vocab_size,
             vocab_size: None,
@@ -219,16 +223,36 @@ fn charts(summary: &RunSummary, store: &Store) -> Charts {
         "train loss (epoch mean)".to_string(),
         epoch_means(store, "finetune"),
     )];
-    let dev = vec![
+    let tagging = summary.tag_scheme.is_some();
+    let mut dev = vec![
         (
-            "dev accuracy".to_string(),
+            if tagging {
+                "dev token accuracy"
+            } else {
+                "dev accuracy"
+            }
+            .to_string(),
             curve(store, "finetune", "dev", "accuracy", true),
         ),
         (
-            "dev macro-F1".to_string(),
+            if tagging {
+                "dev tag macro-F1"
+            } else {
+                "dev macro-F1"
+            }
+            .to_string(),
             curve(store, "finetune", "dev", "macro_f1", true),
         ),
     ];
+    if tagging {
+        dev.insert(
+            0,
+            (
+                "dev entity F1".to_string(),
+                curve(store, "finetune", "dev", "entity_f1", true),
+            ),
+        );
+    }
     let train = summary.data.iter().find(|s| s.name == "train");
     let mut all_lengths: Vec<usize> = Vec::new();
     for s in &summary.data {
@@ -253,9 +277,43 @@ fn charts(summary: &RunSummary, store: &Store) -> Charts {
         labels: train.and_then(|t| {
             let names: Vec<String> = t.labels.iter().map(|l| l.0.clone()).collect();
             let counts: Vec<f64> = t.labels.iter().map(|l| l.1 as f64).collect();
-            charts::bars("Training labels", "examples", &names, &counts).ok()
+            let (title, unit) = match summary.tag_scheme {
+                Some(_) => ("Training entities by type", "entities"),
+                None => ("Training labels", "examples"),
+            };
+            charts::bars(title, unit, &names, &counts).ok()
         }),
     }
+}
+
+/// The label-count table: the splits that count labels, and per label (or entity type) its count
+/// in each, in order of first appearance.
+fn label_counts(summary: &RunSummary) -> Value {
+    let splits: Vec<&SplitStats> = summary
+        .data
+        .iter()
+        .filter(|d| !d.labels.is_empty())
+        .collect();
+    let mut names: Vec<&str> = Vec::new();
+    for d in &splits {
+        for (l, _) in &d.labels {
+            if !names.contains(&l.as_str()) {
+                names.push(l);
+            }
+        }
+    }
+    let rows: Vec<(&str, Vec<usize>)> = names
+        .iter()
+        .map(|&n| {
+            let counts = splits
+                .iter()
+                .map(|d| d.labels.iter().find(|(l, _)| l == n).map_or(0, |x| x.1))
+                .collect();
+            (n, counts)
+        })
+        .collect();
+    let headers: Vec<&str> = splits.iter().map(|d| d.name.as_str()).collect();
+    Value::from_serialize((headers, rows))
 }
 
 fn safe_svg(svg: Option<String>) -> Value {
@@ -335,6 +393,7 @@ pub fn render(summary: &RunSummary, store: &Store) -> Result<String, String> {
             s => summary,
             total_seconds => total,
             chance => 100.0 / summary.labels.len().max(1) as f64,
+            label_counts => label_counts(summary),
             selected_on_dev => summary.scores.iter().any(|(split, _)| split == "dev"),
             pretrain_perplexity => pretrain_final,
             chart_pretrain => safe_svg(c.pretrain),

@@ -32,6 +32,10 @@ pub struct StudyMeta {
     pub group_keys: Vec<String>,
     /// `accuracy` or `macro_f1`: the dev metric that selects a configuration.
     pub select_metric: String,
+    /// The test metrics of the group table: `accuracy` and `macro_f1`, or for token
+    /// classification `entity_f1` and `accuracy` (over tokens).
+    #[serde(default = "default_test_metrics")]
+    pub test_metrics: (String, String),
     pub tables: Vec<TableSpec>,
     pub trials: Vec<TrialMeta>,
 }
@@ -58,6 +62,10 @@ impl StudyMeta {
         }
         out
     }
+}
+
+fn default_test_metrics() -> (String, String) {
+    ("accuracy".into(), "macro_f1".into())
 }
 
 fn value_of<'a>(t: &'a TrialMeta, key: &str) -> &'a str {
@@ -188,8 +196,8 @@ fn groups(meta: &StudyMeta, results: &DataFrame) -> PolarsResult<Vec<Group>> {
         let g = &mut out[pos];
         match (split[i].as_str(), metric[i].as_str()) {
             ("dev", x) if x == meta.select_metric => g.dev = Some(stat),
-            ("test", "accuracy") => g.test = Some(stat),
-            ("test", "macro_f1") => g.test_f1 = Some(stat),
+            ("test", x) if x == meta.test_metrics.0 => g.test = Some(stat),
+            ("test", x) if x == meta.test_metrics.1 => g.test_f1 = Some(stat),
             _ => {}
         }
     }

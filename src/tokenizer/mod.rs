@@ -128,6 +128,63 @@ impl TextTokenizer {
             .map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
+    /// `[CLS] w1 w2 … [SEP]` for a tagged sentence, and the position of each word's first token
+    /// (its tag is predicted there). The words are tokenized as the text they were read as (joined
+    /// by spaces, the text the tokenizer learned from), and each token belongs to the word its
+    /// offset starts in: no token spans two words, since every pre-tokenizer splits on spaces. A
+    /// word the normalizer erases entirely becomes `[UNK]`, so every word keeps a position. Whole
+    /// words are cut from the end to fit `max_len`; the positions cover the words kept.
+    pub fn encode_words(
+        &self,
+        words: &[String],
+        max_len: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>, bool), TokenizerError> {
+        let text = words.join(" ");
+        let enc = self
+            .inner
+            .encode(text.as_str(), false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let mut per_word: Vec<Vec<u32>> = vec![Vec::new(); words.len()];
+        let mut ends = Vec::with_capacity(words.len());
+        let mut end = 0;
+        for w in words {
+            end += w.len();
+            ends.push(end);
+            end += 1;
+        }
+        let mut word = 0;
+        for (&id, &(start, _)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+            while word + 1 < words.len() && start >= ends[word] {
+                word += 1;
+            }
+            per_word[word].push(id);
+        }
+        let room = max_len.saturating_sub(2);
+        let mut ids = Vec::with_capacity(max_len);
+        let mut positions = Vec::with_capacity(words.len());
+        ids.push(self.specials.cls);
+        let mut truncated = false;
+        for tokens in &mut per_word {
+            if tokens.is_empty() {
+                tokens.push(self.specials.unk);
+            }
+            if ids.len() - 1 + tokens.len() > room {
+                truncated = true;
+                if positions.is_empty() {
+                    // A first word longer than the room keeps its first tokens: every sentence
+                    // keeps at least one tagged position.
+                    positions.push(1);
+                    ids.extend_from_slice(&tokens[..room.max(1)]);
+                }
+                break;
+            }
+            positions.push(ids.len() as u32);
+            ids.extend_from_slice(tokens);
+        }
+        ids.push(self.specials.sep);
+        Ok((ids, positions, truncated))
+    }
+
     /// `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, cut to `max_len` (the longer text loses tokens
     /// first), and whether anything was cut.
     pub fn encode(
@@ -259,4 +316,65 @@ fn train_bpe<'a>(
 
 fn numbered(tokens: Vec<String>) -> tokenizers::models::bpe::Vocab {
     tokens.into_iter().zip(0u32..).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::model::TokenizerKind;
+
+    fn trained(kind: TokenizerKind) -> TextTokenizer {
+        let cfg = TokenizerSection {
+            kind,
+            vocab_size: 300,
+            min_frequency: 1,
+            lowercase: true,
+            limit_alphabet: None,
+            path: None,
+        };
+        let texts = [
+            "高 勇 ： 男 ， 中 国 国 籍",
+            "Peter Blackburn visited Brussels",
+            "Brussels rejects Blackburn",
+        ];
+        TextTokenizer::build(&cfg, Path::new("."), texts.into_iter()).expect("trains")
+    }
+
+    fn words(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    /// Each word's tag sits on its first token; sub-words never cross a word; a word the
+    /// normalizer erases keeps a position as `[UNK]`; truncation drops whole words.
+    #[test]
+    fn words_keep_their_positions() {
+        for kind in [TokenizerKind::Wordpiece, TokenizerKind::Bpe] {
+            let tok = trained(kind);
+            for sentence in ["高 勇 ： 男", "Blackburn Brussels rejects Peter"] {
+                let w = words(sentence);
+                let (ids, positions, cut) = tok.encode_words(&w, 64).unwrap();
+                assert!(!cut);
+                assert_eq!(positions.len(), w.len(), "{kind:?}");
+                assert_eq!(positions[0], 1);
+                assert_eq!(*ids.last().unwrap(), tok.specials.sep);
+                // The tokens from one word's position to the next decode to that word.
+                let mut bounds = positions.clone();
+                bounds.push(ids.len() as u32 - 1);
+                for (i, word) in w.iter().enumerate() {
+                    let piece = &ids[bounds[i] as usize..bounds[i + 1] as usize];
+                    let text = tok.inner.decode(piece, true).unwrap();
+                    assert_eq!(text.trim(), word.to_lowercase(), "{kind:?}");
+                }
+            }
+            let w = words("Blackburn Brussels rejects");
+            let (_, short, cut) = tok.encode_words(&w, 4).unwrap();
+            assert!(cut && short.len() < 3, "{kind:?}: {short:?}");
+        }
+        let tok = trained(TokenizerKind::Wordpiece);
+        // Chinese characters are one token each; U+200B is erased by BERT's normalizer.
+        let w = words("高 \u{200b} 勇");
+        let (ids, positions, _) = tok.encode_words(&w, 64).unwrap();
+        assert_eq!(positions, [1, 2, 3]);
+        assert_eq!(ids[2], tok.specials.unk);
+    }
 }
