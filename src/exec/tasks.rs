@@ -506,21 +506,35 @@ mod tests {
             (Method::LinearProbe, head),
             // rank 8 on query and value: (d·8 + 8·d) each.
             (Method::Lora, head + layers * 2 * (d * 8 + 8 * d)),
-            // two adapters of width 4: d·4 + 4 + 4·d + d each.
-            (Method::Adapter, head + layers * 2 * (d * 4 + 4 + 4 * d + d)),
+            // two adapters of width 4: d·4 + 4 + 4·d + d each, and the LayerNorms.
+            (
+                Method::Adapter,
+                head + layers * 2 * (d * 4 + 4 + 4 * d + d) + (layers * 2 + 1) * 2 * d,
+            ),
             // 3 prefix keys and values of width d.
             (Method::Prefix, head + layers * 2 * 3 * d),
         ];
         for (method, expected) in cases {
             let (before, own_after, after, trainable) = train_with(method);
             assert_eq!(trainable, expected, "{method:?}");
+            // Adapters train the LayerNorms too (two per layer and the final one, scale and shift).
+            let changed: usize = before
+                .iter()
+                .filter(|(k, v)| own_after[*k] != **v)
+                .map(|(_, v)| v.len())
+                .sum();
+            let norms = if method == Method::Adapter {
+                (layers * 2 + 1) * 2 * d
+            } else {
+                0
+            };
             assert_eq!(
-                own_after, before,
+                changed, norms,
                 "{method:?}: frozen parameters must not change"
             );
             let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
             assert_eq!(
-                added.iter().map(|k| after[*k].len()).sum::<usize>(),
+                added.iter().map(|k| after[*k].len()).sum::<usize>() + norms,
                 expected,
                 "{method:?}: what was added is what trains (and the head)"
             );

@@ -184,13 +184,18 @@ impl<B: Backend> Backbone<B> {
     }
 
     /// Adds a bottleneck adapter of width `size` after attention and after the feed-forward
-    /// network of every layer.
+    /// network of every layer, and makes every LayerNorm trainable again, as Houlsby et al. train
+    /// them with the adapters.
     pub fn with_adapters(mut self, size: usize, device: &B::Device) -> Self {
         for block in &mut self.blocks {
             let d = block.attention.query.weight.dims()[0];
             block.adapter_attention = Some(peft::Adapter::new(d, size, device));
             block.adapter_feed_forward = Some(peft::Adapter::new(d, size, device));
+            block.norm_attention = trainable_norm(block.norm_attention.clone());
+            block.norm_feed_forward = trainable_norm(block.norm_feed_forward.clone());
         }
+        self.embed_norm = self.embed_norm.map(trainable_norm);
+        self.final_norm = self.final_norm.map(trainable_norm);
         self
     }
 
@@ -208,6 +213,13 @@ impl<B: Backend> Backbone<B> {
         self.blocks = self.blocks.into_iter().map(Block::merge_lora).collect();
         self
     }
+}
+
+/// A LayerNorm whose scale and shift get gradients (after `no_grad` froze them).
+fn trainable_norm<B: Backend>(mut norm: LayerNorm<B>) -> LayerNorm<B> {
+    norm.gamma = norm.gamma.map(|t| t.set_require_grad(true));
+    norm.beta = norm.beta.map(|b| b.map(|t| t.set_require_grad(true)));
+    norm
 }
 
 /// 0 up to and including the first `[SEP]`, 1 after it: `[CLS] a [SEP]` → 0, `b [SEP]` → 1.

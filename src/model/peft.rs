@@ -6,7 +6,8 @@
 //!   `merge` folds it into the projection's weight.
 //! - `Adapter`: a bottleneck `h + up(gelu(down(h)))` after attention and after the feed-forward
 //!   network, before the residual sum (Houlsby et al., 2019, https://arxiv.org/abs/1902.00751);
-//!   `up` starts at zero, so an adapter starts as the identity.
+//!   `up` starts at zero, so an adapter starts as the identity. The backbone's LayerNorms train
+//!   with the adapters, as in the paper (`Backbone::with_adapters`).
 //! - `Prefix`: learned keys and values prepended to every layer's attention (Li & Liang, 2021,
 //!   https://arxiv.org/abs/2101.00190), without the reparameterisation MLP.
 

@@ -100,6 +100,17 @@ const TOKENIZER_REV: u32 = 1;
 const PRETRAIN_REV: u32 = 1;
 const FINETUNE_REV: u32 = 3;
 
+/// Revisions of one fine-tuning method (absent at 1), so a fix to a method recomputes its trials
+/// and no others.
+///
+/// - adapter 2: the backbone's LayerNorms train with the adapters, as in Houlsby et al.
+fn method_rev(method: Method) -> Option<u32> {
+    match method {
+        Method::Adapter => Some(2),
+        _ => None,
+    }
+}
+
 fn is_first(rev: &u32) -> bool {
     *rev == 1
 }
@@ -265,6 +276,10 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         if let Some(map) = finetune_section.as_object_mut() {
             map.remove("method");
         }
+    }
+    // A method's own revision, beside the stage's: it invalidates that method's entries only.
+    if let (Some(rev), Some(map)) = (method_rev(method), finetune_section.as_object_mut()) {
+        map.insert("method_rev".into(), rev.into());
     }
     let finetune = Key::of(&FinetuneInputs {
         stage: "finetune",
