@@ -822,14 +822,20 @@ fn a_diverged_trial_is_reported_and_the_sweep_goes_on() {
 /// Spawns the resume fixture and kills it (SIGKILL) once the journal holds `count` events matching
 /// `stage`/`event` from this process.
 fn run_and_kill(out: &Path, stage: &str, event: &str, count: usize) {
+    kill_at(out, "resume", "resume_tiny", stage, event, count);
+}
+
+/// Runs a sweep fixture and kills it once its journal shows `count` `stage`/`event` entries.
+fn kill_at(out: &Path, fixture: &str, name: &str, stage: &str, event: &str, count: usize) {
     let out_set = format!("experiment.output_dir={}", out.display());
+    let file = format!("tests/fixtures/sweeps/{fixture}.toml");
     let mut child = Command::new(XRUN)
         .current_dir(root())
-        .args(["tests/fixtures/sweeps/resume.toml", "-q", "--set", &out_set])
+        .args([file.as_str(), "-q", "--set", &out_set])
         .env_remove("XRUN_DATA_ROOT")
         .spawn()
         .unwrap();
-    let run = out.join("resume_tiny");
+    let run = out.join(name);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let j = journal(&run);
@@ -1580,4 +1586,144 @@ fn ner_tags_characters_and_scores_entities_on_resume_ner() {
         "{}",
         stderr(&o)
     );
+}
+
+/// The accuracy matrix of one trial from results.csv: `m[i][j]` after task `i`, on task `j`.
+fn matrix(rows: &[Vec<String>], trial: &str, tasks: &[&str]) -> Vec<Vec<f64>> {
+    let col = |name: &str| rows[0].iter().position(|h| h == name).unwrap();
+    let (t, s, m, c, v) = (
+        col("trial"),
+        col("split"),
+        col("metric"),
+        col("class"),
+        col("value"),
+    );
+    tasks
+        .iter()
+        .enumerate()
+        .map(|(i, after)| {
+            tasks[..=i]
+                .iter()
+                .map(|on| {
+                    let metric = format!("accuracy after {after}");
+                    rows.iter()
+                        .find(|r| r[t] == trial && r[s] == "test" && r[m] == metric && r[c] == *on)
+                        .unwrap_or_else(|| panic!("{trial}: no {metric} on {on}"))[v]
+                        .parse()
+                        .unwrap()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn continual_learning_fills_the_accuracy_matrix_and_resumes_between_tasks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("reference");
+    let o = sweep(&reference, "continual", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = reference.join("continual_tiny");
+    let rows = read_csv(&run.join("results.csv"));
+    let tasks = ["tnews", "eprstmt", "iflytek"];
+    let m = |strategy: &str| matrix(&rows, &format!("strategy={strategy}"), &tasks);
+    for strategy in ["sequential", "replay", "ewc"] {
+        let trial = format!("strategy={strategy}");
+        let mx = m(strategy);
+        // Average accuracy is the last row's mean; forgetting is each earlier task's best before
+        // the last task minus its final accuracy, averaged.
+        let last = &mx[2];
+        let average = last.iter().sum::<f64>() / 3.0;
+        assert!((result_of(&rows, &trial, "test", "accuracy") - average).abs() < 1e-12);
+        let forgetting = (0..2)
+            .map(|j| mx[j..2].iter().map(|r| r[j]).fold(f64::MIN, f64::max) - last[j])
+            .sum::<f64>()
+            / 2.0;
+        assert!((result_of(&rows, &trial, "test", "forgetting") - forgetting).abs() < 1e-12);
+        // The first task's row is what any strategy gets: nothing to remember yet.
+        assert_eq!(mx[0], m("sequential")[0], "{strategy}");
+    }
+    // Replay trains the earlier heads on their stored examples, EWC holds the backbone back:
+    // both part from plain sequential fine-tuning once there is something to remember.
+    assert_ne!(m("replay")[1], m("sequential")[1]);
+    assert_ne!(m("ewc")[2], m("sequential")[2]);
+    let trial_html =
+        std::fs::read_to_string(run.join("trials/strategy=replay/index.html")).unwrap();
+    assert!(trial_html.contains("Average test accuracy after all 3 tasks"));
+    assert!(trial_html.contains("<th class=\"l\">after eprstmt</th>"));
+    let study = std::fs::read_to_string(run.join("index.html")).unwrap();
+    assert!(
+        study.contains("test average accuracy over tasks") && study.contains("test forgetting")
+    );
+
+    // A frozen backbone with a head per task cannot forget: every column stays where it started.
+    let probe = tmp.path().join("probe");
+    let o = sweep(
+        &probe,
+        "continual",
+        &[
+            "--set",
+            "sweep.grid.continual.strategy=[\"sequential\"]",
+            "--set",
+            "finetune.method=\"linear_probe\"",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = read_csv(&probe.join("continual_tiny/results.csv"));
+    let mx = matrix(&rows, "strategy=sequential", &tasks);
+    for (i, row) in mx.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            assert_eq!(
+                v, mx[j][j],
+                "linear probe: after {} on {}",
+                tasks[i], tasks[j]
+            );
+        }
+    }
+    assert_eq!(
+        result_of(&rows, "strategy=sequential", "test", "forgetting"),
+        0.0
+    );
+
+    // Killed while training the second task (the first one saved), and again in the third:
+    // the finished tasks are not trained again and the results are the uninterrupted ones.
+    let expected = std::fs::read_to_string(run.join("results.csv")).unwrap();
+    let out = tmp.path().join("killed");
+    kill_at(
+        &out,
+        "continual",
+        "continual_tiny",
+        "finetune.eprstmt",
+        "checkpoint",
+        1,
+    );
+    kill_at(
+        &out,
+        "continual",
+        "continual_tiny",
+        "finetune.iflytek",
+        "checkpoint",
+        2,
+    );
+    let o = sweep(&out, "continual", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let killed = out.join("continual_tiny");
+    assert_eq!(
+        std::fs::read_to_string(killed.join("results.csv")).unwrap(),
+        expected,
+        "results differ from the uninterrupted run"
+    );
+    let j = journal(&killed);
+    let pid = last_pid(&j);
+    let sequential: Vec<serde_json::Value> = j
+        .into_iter()
+        .filter(|e| e["trial"] == "strategy=sequential")
+        .collect();
+    assert_eq!(
+        events(&sequential, pid, "finetune.tnews", "start")
+            + events(&sequential, pid, "finetune.eprstmt", "start"),
+        0,
+        "the finished tasks are not trained again"
+    );
+    assert_eq!(events(&sequential, pid, "finetune.iflytek", "resume"), 1);
 }

@@ -6,6 +6,7 @@
 //! `xrun validate` lists every unknown key, wrong type and bad range at once.
 
 pub mod cluster;
+pub mod continual;
 pub mod data;
 mod diagnostic;
 pub mod experiment;
@@ -64,6 +65,9 @@ pub struct RawDoc {
     pub report: ReportSection,
     #[serde(default, skip_serializing_if = "ClusterSection::is_empty")]
     pub cluster: ClusterSection,
+    /// A sequence of fine-tuning tasks on one backbone (absent: one task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continual: Option<continual::ContinualSection>,
 }
 
 /// A checked experiment: every value in range, every input file present.

@@ -67,6 +67,7 @@ pub(super) fn check(
     c.at_least("finetune.batch_size", raw.finetune.batch_size, 1);
     c.at_least("eval.batch_size", raw.eval.batch_size, 1);
     data(&mut c, &raw, &data_root);
+    continual(&mut c, &raw, &data_root);
     report(&mut c, &raw);
     let mut raw = raw;
     // Token classification selects on entity F1 unless the file says otherwise.
@@ -375,63 +376,179 @@ fn data(c: &mut Checker, raw: &RawDoc, root: &Path) {
     ];
     for (name, spec, labelled) in splits {
         let Some(spec) = spec else { continue };
-        let at = format!("data.{name}.paths");
-        c.require(!spec.paths.is_empty(), &at, || {
-            format!("`data.{name}.paths` is empty")
-        });
-        if root.is_dir() {
-            for p in &spec.paths {
-                if p.contains("{split}") && d.split.is_none() {
-                    // Each trial of a split sweep checks its own files.
-                    c.require(!raw.sweep.split.is_empty(), &at, || {
-                        format!(
-                            "`{p}` uses {{split}}, but no split is set: add `split = [...]` to \
-                             [sweep] or set `data.split`"
-                        )
-                    });
-                    continue;
-                }
-                let full = root.join(super::fill_split(p, d.split.as_ref()));
-                // A missing split file is the split value's fault when a sweep set it.
-                let place = if p.contains("{split}") {
-                    "data.split"
-                } else {
-                    at.as_str()
-                };
-                c.require(full.is_file(), place, || {
-                    format!("data file not found: {}", full.display())
+        source(
+            c,
+            raw,
+            root,
+            &format!("data.{name}"),
+            spec,
+            labelled,
+            tagging,
+        );
+    }
+}
+
+/// One source's checks: paths given and present (per split value), the fields a labelled split
+/// needs, and the same reading (CoNLL or not) as the training split. `at` is its table, e.g.
+/// `data.train` or `continual.tasks.0.dev`.
+fn source(
+    c: &mut Checker,
+    raw: &RawDoc,
+    root: &Path,
+    at_table: &str,
+    spec: &SourceSpec,
+    labelled: bool,
+    tagging: bool,
+) {
+    let d = &raw.data;
+    let at = format!("{at_table}.paths");
+    c.require(!spec.paths.is_empty(), &at, || {
+        format!("`{at_table}.paths` is empty")
+    });
+    if root.is_dir() {
+        for p in &spec.paths {
+            if p.contains("{split}") && d.split.is_none() {
+                // Each trial of a split sweep checks its own files.
+                c.require(!raw.sweep.split.is_empty(), &at, || {
+                    format!(
+                        "`{p}` uses {{split}}, but no split is set: add `split = [...]` to \
+                         [sweep] or set `data.split`"
+                    )
                 });
+                continue;
+            }
+            let full = root.join(super::fill_split(p, d.split.as_ref()));
+            // A missing split file is the split value's fault when a sweep set it.
+            let place = if p.contains("{split}") {
+                "data.split"
+            } else {
+                at.as_str()
+            };
+            c.require(full.is_file(), place, || {
+                format!("data file not found: {}", full.display())
+            });
+        }
+    }
+    let conll = spec
+        .paths
+        .first()
+        .is_some_and(|p| spec.format.resolve(Path::new(p)) == Format::Conll);
+    if labelled && conll != tagging {
+        let (train, this) = if tagging {
+            ("a CoNLL file (token classification)", "is not")
+        } else {
+            ("not a CoNLL file", "is")
+        };
+        c.fail(
+            at_table,
+            format!("the training split is {train} but [{at_table}] {this}: every labelled split must be read the same way (see `format`)"),
+        );
+    }
+    if conll && spec.text_pair.is_some() {
+        c.fail(
+            &format!("{at_table}.text_pair"),
+            "`text_pair` does not apply to CoNLL files (one token and tag per line)".into(),
+        );
+    }
+    if labelled && spec.label.is_none() && !conll {
+        c.fail(
+            at_table,
+            format!("[{at_table}] needs `label`: the field that holds each example's label"),
+        );
+    }
+    if let Some(limit) = spec.limit {
+        c.at_least(&format!("{at_table}.limit"), limit, 1);
+    }
+}
+
+/// A sequence of tasks: named uniquely, each with labelled files, classifier methods only.
+fn continual(c: &mut Checker, raw: &RawDoc, root: &Path) {
+    let Some(cl) = &raw.continual else { return };
+    let mut names: Vec<&str> = vec![cl.first.as_str()];
+    c.require(valid_name(&cl.first), "continual.first", || {
+        format!(
+            "`continual.first` = {:?} must be non-empty and use only letters, digits, `-`, `_` and `.`",
+            cl.first
+        )
+    });
+    c.require(!cl.tasks.is_empty(), "continual.tasks", || {
+        "[continual] needs at least one [[continual.tasks]] after the first task".into()
+    });
+    // The accuracy matrix is measured on test splits.
+    c.require(raw.data.test.is_some(), "continual", || {
+        "continual learning tests every task after every task: the first task needs [data.test]"
+            .into()
+    });
+    for (i, t) in cl.tasks.iter().enumerate() {
+        let at = format!("continual.tasks.{i}");
+        c.require(t.test.is_some(), &at, || {
+            format!(
+                "task {:?} needs a `test` split: the accuracy matrix is measured on test",
+                t.name
+            )
+        });
+        c.require(valid_name(&t.name), &format!("{at}.name"), || {
+            format!(
+                "task name {:?} must be non-empty and use only letters, digits, `-`, `_` and `.`",
+                t.name
+            )
+        });
+        c.require(
+            !names.contains(&t.name.as_str()),
+            &format!("{at}.name"),
+            || format!("two tasks are named {:?}", t.name),
+        );
+        names.push(&t.name);
+        let splits = [
+            ("train", Some(&t.train)),
+            ("dev", t.dev.as_ref()),
+            ("test", t.test.as_ref()),
+        ];
+        for (split, spec) in splits {
+            if let Some(spec) = spec {
+                source(c, raw, root, &format!("{at}.{split}"), spec, true, false);
             }
         }
-        let conll = spec
-            .paths
-            .first()
-            .is_some_and(|p| spec.format.resolve(Path::new(p)) == Format::Conll);
-        if labelled && conll != tagging {
-            let (train, this) = if tagging {
-                ("a CoNLL file (token classification)", "is not")
-            } else {
-                ("not a CoNLL file", "is")
-            };
+    }
+    if raw.data.tagging() {
+        c.fail(
+            "continual",
+            "continual learning runs classification tasks; token classification (CoNLL data) is not supported in a sequence".into(),
+        );
+    }
+    let method = raw.finetune.method.name();
+    if matches!(method, "zero_shot" | "pet") {
+        c.fail(
+            "finetune.method",
+            format!("finetune.method = \"{method}\" is not a continual-learning method: each task trains its own classifier head (full, linear_probe, lora, adapter or prefix)"),
+        );
+    }
+    if raw.data.train_examples.is_some() || raw.data.train_fraction.is_some() {
+        c.fail(
+            "continual",
+            "`data.train_examples` / `train_fraction` draw from one training split; with [continual] set `limit` on each task's split instead".into(),
+        );
+    }
+    c.at_least("continual.replay_examples", cl.replay_examples, 1);
+    c.require(
+        cl.ewc_lambda.is_finite() && cl.ewc_lambda > 0.0,
+        "continual.ewc_lambda",
+        || {
+            format!(
+                "`continual.ewc_lambda` must be a positive number, got {}",
+                cl.ewc_lambda
+            )
+        },
+    );
+    // A strategy's setting with another strategy chosen is an error, unless the strategy is swept.
+    let strategy = cl.strategy.name();
+    for (key, wants) in [("replay_examples", "replay"), ("ewc_lambda", "ewc")] {
+        let path = format!("continual.{key}");
+        if c.places.is_set(&path) && strategy != wants && !raw.sweep.varies("continual.strategy") {
             c.fail(
-                &format!("data.{name}"),
-                format!("the training split is {train} but [data.{name}] {this}: every labelled split must be read the same way (see `format`)"),
+                &path,
+                format!("`{path}` is set but continual.strategy = \"{strategy}\": set strategy = \"{wants}\" or remove it"),
             );
-        }
-        if conll && spec.text_pair.is_some() {
-            c.fail(
-                &format!("data.{name}.text_pair"),
-                "`text_pair` does not apply to CoNLL files (one token and tag per line)".into(),
-            );
-        }
-        if labelled && spec.label.is_none() && !conll {
-            c.fail(
-                &format!("data.{name}"),
-                format!("[data.{name}] needs `label`: the field that holds each example's label"),
-            );
-        }
-        if let Some(limit) = spec.limit {
-            c.at_least(&format!("data.{name}.limit"), limit, 1);
         }
     }
 }

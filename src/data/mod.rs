@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 pub use read::{DataError, Example, Skipped, Split};
 
-use crate::config::data::TagScheme;
+use crate::config::data::{SourceSpec, TagScheme};
 use crate::config::Experiment;
 
 /// Seeds the label-efficiency draw (a stream of its own, beside shuffling and masking).
@@ -31,14 +31,45 @@ pub struct Datasets {
 impl Datasets {
     pub fn load(exp: &Experiment) -> Result<Self, DataError> {
         let d = &exp.raw.data;
+        Self::read(
+            exp,
+            d.corpus.as_ref(),
+            &d.train,
+            d.dev.as_ref(),
+            d.test.as_ref(),
+        )
+    }
+
+    /// A later task of a continual-learning sequence: its own splits and label set, no corpus.
+    pub fn load_task(
+        exp: &Experiment,
+        task: &crate::config::continual::TaskSpec,
+    ) -> Result<Self, DataError> {
+        Self::read(
+            exp,
+            None,
+            &task.train,
+            task.dev.as_ref(),
+            task.test.as_ref(),
+        )
+    }
+
+    fn read(
+        exp: &Experiment,
+        corpus: Option<&SourceSpec>,
+        train_spec: &SourceSpec,
+        dev: Option<&SourceSpec>,
+        test: Option<&SourceSpec>,
+    ) -> Result<Self, DataError> {
+        let d = &exp.raw.data;
         let resolve = |p: &str| exp.data_path(p);
         let read = |spec, labelled| read::read_source(spec, &resolve, d.on_error, labelled);
-        let corpus = d.corpus.as_ref().map(|s| read(s, false)).transpose()?;
-        let train = read(&d.train, true)?;
-        let dev = d.dev.as_ref().map(|s| read(s, true)).transpose()?;
-        let test = d.test.as_ref().map(|s| read(s, true)).transpose()?;
+        let corpus = corpus.map(|s| read(s, false)).transpose()?;
+        let train = read(train_spec, true)?;
+        let dev = dev.map(|s| read(s, true)).transpose()?;
+        let test = test.map(|s| read(s, true)).transpose()?;
         if train.examples.is_empty() {
-            let file = exp.data_path(d.train.paths.first().map_or("", String::as_str));
+            let file = exp.data_path(train_spec.paths.first().map_or("", String::as_str));
             return Err(DataError::Line {
                 file,
                 line: 0,

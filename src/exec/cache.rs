@@ -60,8 +60,7 @@ impl Cache {
     /// Whether a killed run left checkpoints of this entry; the step of the newest, if readable.
     pub fn partial_step(&self, stage: &str, key: &Key) -> Option<usize> {
         let dir = self.root.join(stage).join(format!("{}.partial", key.hash));
-        let name = std::fs::read_to_string(dir.join("latest")).ok()?;
-        name.trim().strip_prefix("step-")?.parse().ok()
+        crate::train::Checkpoints::latest_step(&dir)
     }
 
     /// Whether another process holds the entry's lock (it is building it now).

@@ -4,6 +4,7 @@
 
 mod cache;
 mod cloze;
+mod continual;
 mod inspect;
 mod journal;
 mod stats;
@@ -233,6 +234,8 @@ pub fn study_meta(exp: &Experiment, trials: &[Trial], statuses: &[TrialStatus]) 
         select_metric: exp.raw.finetune.select_metric.name().into(),
         test_metrics: if exp.raw.data.tagging() {
             ("entity_f1".into(), "accuracy".into())
+        } else if exp.raw.continual.is_some() {
+            ("accuracy".into(), "forgetting".into())
         } else {
             ("accuracy".into(), "macro_f1".into())
         },

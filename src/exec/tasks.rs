@@ -282,23 +282,17 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
     }
 
     fn loss(&self, model: &Classifier<B>, rows: &Vec<usize>) -> Tensor<B, 1> {
-        let refs: Vec<&[u32]> = rows.iter().map(|&i| self.train.ids[i].as_slice()).collect();
-        let padded = batch::pad(&refs, self.pad_id);
-        let (ids, pad) = ids_tensor::<B>(&padded, &self.device);
-        let (logits, labels) = match &self.train.tagged {
-            Some(tagged) => {
-                let (positions, tags) = tagged.gather(rows, padded.seq);
-                let positions = int_tensor::<B>(&positions, &self.device);
-                (model.forward_tokens(ids, pad, positions), tags)
-            }
-            None => {
-                let labels = rows.iter().map(|&i| self.train.classes[i] as i32).collect();
-                (model.forward(ids, pad, self.pool), labels)
-            }
+        let padded = pad_rows(self.train, rows, self.pad_id);
+        let Some(tagged) = &self.train.tagged else {
+            return class_loss(model, self.train, rows, self.pool, &padded, &self.device);
         };
-        CrossEntropyLossConfig::new()
-            .init(&self.device)
-            .forward(logits, int_tensor::<B>(&labels, &self.device))
+        let (ids, pad) = ids_tensor::<B>(&padded, &self.device);
+        let (positions, tags) = tagged.gather(rows, padded.seq);
+        let positions = int_tensor::<B>(&positions, &self.device);
+        CrossEntropyLossConfig::new().init(&self.device).forward(
+            model.forward_tokens(ids, pad, positions),
+            int_tensor::<B>(&tags, &self.device),
+        )
     }
 
     fn device(&self) -> B::Device {
@@ -320,6 +314,29 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
         );
         dev_evaluation(&s, self.select)
     }
+}
+
+/// Mean cross-entropy of a classifier on `rows` of `split`, whose token ids `padded` holds.
+pub fn class_loss<B: Backend>(
+    model: &Classifier<B>,
+    split: &Labelled,
+    rows: &[usize],
+    pool: Pool,
+    padded: &Padded,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let (ids, pad) = ids_tensor::<B>(padded, device);
+    let labels: Vec<i32> = rows.iter().map(|&i| split.classes[i] as i32).collect();
+    CrossEntropyLossConfig::new().init(device).forward(
+        model.forward(ids, pad, pool),
+        int_tensor::<B>(&labels, device),
+    )
+}
+
+/// Pads `rows` of `split` into one batch.
+pub fn pad_rows(split: &Labelled, rows: &[usize], pad_id: u32) -> Padded {
+    let refs: Vec<&[u32]> = rows.iter().map(|&i| split.ids[i].as_slice()).collect();
+    batch::pad(&refs, pad_id)
 }
 
 /// A dev split's scores as the training loop sees them: the selection score and the records.

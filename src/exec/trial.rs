@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cache::{Building, Cache, Status};
 use super::cloze;
+use super::continual;
 use super::journal::Journal;
 use super::stats::{self, Encoded};
 use super::tasks::{self, FinetuneTask, PretrainTask};
@@ -79,7 +80,7 @@ pub struct Context<'a, B: Backend> {
 }
 
 /// Stops a stage early: a failure, or a divergence that is the trial's result.
-enum Stop {
+pub(super) enum Stop {
     Failed {
         stage: &'static str,
         message: String,
@@ -92,7 +93,7 @@ enum Stop {
     },
 }
 
-fn failed(stage: &'static str) -> impl Fn(String) -> Stop {
+pub(super) fn failed(stage: &'static str) -> impl Fn(String) -> Stop {
     move |message| Stop::Failed {
         stage,
         message,
@@ -100,7 +101,7 @@ fn failed(stage: &'static str) -> impl Fn(String) -> Stop {
     }
 }
 
-fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+pub(super) fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::<FullPrecisionSettings>::new()
 }
 
@@ -241,6 +242,21 @@ fn stages<B: AutodiffBackend>(
             trial, keys, cx, &data, &encoded, &tokenizer, model, &cfg, summary, store, building,
         );
     }
+    if let Some(cl) = &exp.raw.continual {
+        let pad_id = encoded.pad_id;
+        let first = continual::TaskData {
+            name: cl.first.clone(),
+            labels: data.labels.clone(),
+            train: encoded.train,
+            dev: encoded.dev,
+            test: encoded.test,
+        };
+        let tasks = continual::load_tasks(trial, first, &tokenizer, summary)?;
+        let pool = pool_for(exp.raw.finetune.pooling, &cfg);
+        return continual::continual_stage(
+            trial, keys, cx, tasks, pad_id, pool, backbone, &cfg, summary, store, building,
+        );
+    }
     finetune_stage(
         trial, keys, cx, &data, &encoded, backbone, &cfg, summary, store, building,
     )
@@ -301,9 +317,7 @@ fn reuse_finetune<B: Backend>(
         store.records.extend(read_records(&dir, "pretrain")?);
     }
     store.records.extend(read_records(&entry, "finetune")?);
-    for (split, scores) in &summary.scores {
-        store.push_scores(split, scores, &summary.labels);
-    }
+    summary.push_results(store);
     match status {
         Status::Done => Ok(()),
         // Only a finetune divergence is cached in a finetune entry: a diverged pretraining stops
@@ -404,22 +418,9 @@ fn waiting<'a>(opts: &'a Options, stage: &'a str) -> impl FnOnce() + 'a {
     }
 }
 
-fn log(opts: &Options, line: &str) {
+pub(super) fn log(opts: &Options, line: &str) {
     if !opts.quiet {
         eprintln!("{line}");
-    }
-}
-
-/// Checkpoints of the stage being built, logged in the journal as they are written.
-fn checkpoints<'a>(
-    building: &Building,
-    every: usize,
-    on_save: &'a mut dyn FnMut(usize),
-) -> Checkpoints<'a> {
-    Checkpoints {
-        dir: building.partial.clone(),
-        every,
-        on_save,
     }
 }
 
@@ -529,7 +530,7 @@ fn pretrain_stage<B: AutodiffBackend>(
         key,
         cx,
         "pretrain",
-        &building,
+        &building.partial,
         &task,
         model,
         &exp.pretrain_optim(),
@@ -572,21 +573,22 @@ fn pretrain_stage<B: AutodiffBackend>(
     }
 }
 
-/// Runs `fit` with checkpoints in the entry's partial folder, saying so when it resumes.
+/// Runs `fit` with checkpoints in `ck_dir` (the entry's partial folder, or a folder in it),
+/// saying so when it resumes.
 #[allow(clippy::too_many_arguments)]
-fn run_fit<B: AutodiffBackend, T: crate::train::Task<B>>(
+pub(super) fn run_fit<B: AutodiffBackend, T: crate::train::Task<B>>(
     trial: &Trial,
     key: &crate::plan::keys::Key,
     cx: &mut Context<B>,
-    stage: &'static str,
-    building: &Building,
+    stage: &str,
+    ck_dir: &Path,
     task: &T,
     model: T::Model,
     optim: &crate::config::train::Optim,
     budget: &Budget,
     store: &mut Store,
 ) -> Result<crate::train::Fitted<<T::Model as AutodiffModule<B>>::InnerModule>, TrainError> {
-    match cx.cache.partial_step(stage, key) {
+    match Checkpoints::latest_step(ck_dir) {
         Some(step) => {
             cx.journal
                 .log(&trial.id, stage, "resume")
@@ -612,7 +614,11 @@ fn run_fit<B: AutodiffBackend, T: crate::train::Task<B>>(
         journal.log(&trial.id, stage, "checkpoint").step(step);
     };
     // 0 turns checkpoints off (a killed stage then starts over).
-    let ck = (every > 0).then(|| checkpoints(building, every, &mut on_save));
+    let ck = (every > 0).then(|| Checkpoints {
+        dir: ck_dir.to_path_buf(),
+        every,
+        on_save: &mut on_save,
+    });
     fit(task, model, optim, budget, stage, store, &mut bar, ck)
 }
 
@@ -638,34 +644,9 @@ fn finetune_stage<B: AutodiffBackend>(
         .stages
         .push(StageUse::new("finetune", &key.hash, false));
     B::seed(&device, seed.wrapping_add(1));
-    let pool = match f.pooling {
-        Pooling::Cls => Pool::First,
-        Pooling::Mean => Pool::Mean,
-        Pooling::Last => Pool::Last,
-        Pooling::Auto if cfg.causal => Pool::Last,
-        Pooling::Auto => Pool::First,
-    };
+    let pool = pool_for(f.pooling, cfg);
     let classes = data.labels.len();
-    let backbone = Backbone::<B>::from_inner(backbone);
-    // The parts a parameter-efficient method adds are created after freezing, so they train.
-    let backbone = match f.method {
-        Method::Full => backbone,
-        Method::LinearProbe => backbone.no_grad(),
-        Method::Lora => backbone
-            .no_grad()
-            .with_lora(&f.lora.clone().unwrap_or_default(), &device),
-        Method::Adapter => {
-            let size = f.adapter.clone().unwrap_or_default().size;
-            backbone.no_grad().with_adapters(size, &device)
-        }
-        Method::Prefix => {
-            let length = f.prefix.clone().unwrap_or_default().length;
-            backbone.no_grad().with_prefix(length, &device)
-        }
-        Method::ZeroShot | Method::Pet => {
-            unreachable!("`stages` runs prompt-based methods through `prompt_stage`")
-        }
-    };
+    let backbone = with_method(f, Backbone::<B>::from_inner(backbone), &device);
     let model = Classifier {
         backbone,
         head: ClassifierHead::new(cfg.d_model, classes, cfg.dropout, &device),
@@ -689,7 +670,8 @@ fn finetune_stage<B: AutodiffBackend>(
         trial,
         key,
         cx,
-        &building,
+        "finetune",
+        &building.partial,
         &task,
         model,
         encoded.train.ids.len(),
@@ -717,17 +699,57 @@ fn finetune_stage<B: AutodiffBackend>(
     )
 }
 
+/// How a classifier pools: `auto` is the last token under causal attention, `[CLS]` otherwise.
+pub(super) fn pool_for(pooling: Pooling, cfg: &BackboneConfig) -> Pool {
+    match pooling {
+        Pooling::Cls => Pool::First,
+        Pooling::Mean => Pool::Mean,
+        Pooling::Last => Pool::Last,
+        Pooling::Auto if cfg.causal => Pool::Last,
+        Pooling::Auto => Pool::First,
+    }
+}
+
+/// A pretrained backbone made ready for `finetune.method`: trainable, frozen, or frozen with the
+/// parts a parameter-efficient method adds (created after freezing, so they train).
+pub(super) fn with_method<B: AutodiffBackend>(
+    f: &crate::config::train::FinetuneSection,
+    backbone: Backbone<B>,
+    device: &B::Device,
+) -> Backbone<B> {
+    match f.method {
+        Method::Full => backbone,
+        Method::LinearProbe => backbone.no_grad(),
+        Method::Lora => backbone
+            .no_grad()
+            .with_lora(&f.lora.clone().unwrap_or_default(), device),
+        Method::Adapter => {
+            let size = f.adapter.clone().unwrap_or_default().size;
+            backbone.no_grad().with_adapters(size, device)
+        }
+        Method::Prefix => {
+            let length = f.prefix.clone().unwrap_or_default().length;
+            backbone.no_grad().with_prefix(length, device)
+        }
+        Method::ZeroShot | Method::Pet => {
+            unreachable!("prompt-based methods run through `prompt_stage`")
+        }
+    }
+}
+
 /// The inference form of a task's trained model.
-type Trained<B, T> = <<T as crate::train::Task<B>>::Model as AutodiffModule<B>>::InnerModule;
+pub(super) type Trained<B, T> =
+    <<T as crate::train::Task<B>>::Model as AutodiffModule<B>>::InnerModule;
 
 /// Fine-tunes `model` on `task` for `finetune.epochs` epochs of `train_len` examples, keeping the
 /// dev-best snapshot: the model, or the divergence that is the trial's result.
 #[allow(clippy::too_many_arguments)]
-fn fit_finetune<B: AutodiffBackend, T: crate::train::Task<B>>(
+pub(super) fn fit_finetune<B: AutodiffBackend, T: crate::train::Task<B>>(
     trial: &Trial,
     key: &crate::plan::keys::Key,
     cx: &mut Context<B>,
-    building: &Building,
+    stage: &str,
+    ck_dir: &Path,
     task: &T,
     model: T::Model,
     train_len: usize,
@@ -751,8 +773,8 @@ fn fit_finetune<B: AutodiffBackend, T: crate::train::Task<B>>(
         trial,
         key,
         cx,
-        "finetune",
-        building,
+        stage,
+        ck_dir,
         task,
         model,
         &exp.finetune_optim(),
@@ -761,13 +783,13 @@ fn fit_finetune<B: AutodiffBackend, T: crate::train::Task<B>>(
     );
     summary
         .stage_times
-        .push(("finetune".into(), started.elapsed().as_secs_f64()));
+        .push((stage.into(), started.elapsed().as_secs_f64()));
     match result {
         Ok(fitted) => {
             log(
                 cx.opts,
                 &format!(
-                    "{} finetune: {} steps{}{}",
+                    "{} {stage}: {} steps{}{}",
                     cx.label,
                     fitted.steps,
                     fitted
@@ -784,7 +806,7 @@ fn fit_finetune<B: AutodiffBackend, T: crate::train::Task<B>>(
         }
         Err(TrainError::Diverged { step, value }) => {
             let reason = format!("loss became {value}");
-            summary.failure = Some(format!("`finetune` diverged at step {step}: {reason}"));
+            summary.failure = Some(format!("`{stage}` diverged at step {step}: {reason}"));
             Ok((Status::Diverged { step, reason }, None))
         }
         Err(e) => {
@@ -797,7 +819,7 @@ fn fit_finetune<B: AutodiffBackend, T: crate::train::Task<B>>(
 /// Publishes a finetune entry (summary, records, the trained model if any) and takes its scores
 /// into the trial's store.
 #[allow(clippy::too_many_arguments)]
-fn publish_finetune<B: Backend, M: Module<B>>(
+pub(super) fn publish_finetune<B: Backend, M: Module<B>>(
     trial: &Trial,
     key: &crate::plan::keys::Key,
     cx: &mut Context<impl Backend>,
@@ -832,9 +854,7 @@ fn publish_finetune<B: Backend, M: Module<B>>(
         )
         .map_err(&err)?;
     store.records.extend(stage_store.records);
-    for (split, scores) in &summary.scores {
-        store.push_scores(split, scores, &summary.labels);
-    }
+    summary.push_results(store);
     match status {
         Status::Done => {
             cx.journal.log(&trial.id, "finetune", "done").key(&key.hash);
@@ -924,7 +944,8 @@ fn prompt_stage<B: AutodiffBackend>(
             trial,
             key,
             cx,
-            &building,
+            "finetune",
+            &building.partial,
             &task,
             LmModel::<B>::from_inner(model),
             train.len(),

@@ -454,6 +454,24 @@ pub struct Classifier<B: Backend> {
     pub head: ClassifierHead<B>,
 }
 
+/// One backbone with a classification head per task (continual learning).
+#[derive(Module, Debug)]
+pub struct MultiTask<B: Backend> {
+    pub backbone: Backbone<B>,
+    pub heads: Vec<ClassifierHead<B>>,
+}
+
+impl<B: Backend> MultiTask<B> {
+    /// Task `task`'s classifier: the shared backbone and its head. Clones share their parameters
+    /// (and gradients) with `self`.
+    pub fn classifier(&self, task: usize) -> Classifier<B> {
+        Classifier {
+            backbone: self.backbone.clone(),
+            head: self.heads[task].clone(),
+        }
+    }
+}
+
 impl<B: Backend> LmModel<B> {
     /// Logits `[n, vocab]` at the `positions` (flat indices into `batch * seq`).
     pub fn forward(

@@ -181,6 +181,29 @@ struct FinetuneInputs<'a> {
     /// against it), absent otherwise so other keys stay as they were.
     #[serde(skip_serializing_if = "Option::is_none")]
     tag_scheme: Option<crate::config::data::TagScheme>,
+    /// The later tasks of a continual-learning sequence and how it learns them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    continual: Option<ContinualInputs<'a>>,
+}
+
+#[derive(Serialize)]
+struct ContinualInputs<'a> {
+    first: &'a str,
+    strategy: crate::config::continual::Strategy,
+    /// Only the chosen strategy's setting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replay_examples: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ewc_lambda: Option<f64>,
+    tasks: Vec<TaskInputs<'a>>,
+}
+
+#[derive(Serialize)]
+struct TaskInputs<'a> {
+    name: &'a str,
+    train: Source<'a>,
+    dev: Option<Source<'a>>,
+    test: Option<Source<'a>>,
 }
 
 /// `data.train_examples` / `train_fraction` / `balanced`.
@@ -208,6 +231,32 @@ fn source<'a>(
         label: spec.label.as_deref(),
         limit: spec.limit,
         files,
+    })
+}
+
+fn continual_inputs<'a>(
+    exp: &Experiment,
+    cl: &'a crate::config::continual::ContinualSection,
+    hashes: &mut FileHashes,
+) -> std::io::Result<ContinualInputs<'a>> {
+    use crate::config::continual::Strategy;
+    let mut tasks = Vec::with_capacity(cl.tasks.len());
+    for t in &cl.tasks {
+        let mut opt =
+            |s: &'a Option<SourceSpec>| s.as_ref().map(|s| source(exp, s, hashes)).transpose();
+        tasks.push(TaskInputs {
+            name: &t.name,
+            dev: opt(&t.dev)?,
+            test: opt(&t.test)?,
+            train: source(exp, &t.train, hashes)?,
+        });
+    }
+    Ok(ContinualInputs {
+        first: &cl.first,
+        strategy: cl.strategy,
+        replay_examples: (cl.strategy == Strategy::Replay).then_some(cl.replay_examples),
+        ewc_lambda: (cl.strategy == Strategy::Ewc).then_some(cl.ewc_lambda),
+        tasks,
     })
 }
 
@@ -310,6 +359,11 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
             .map(|s| source(exp, s, hashes))
             .transpose()?,
         tag_scheme: d.tag_scheme,
+        continual: raw
+            .continual
+            .as_ref()
+            .map(|cl| continual_inputs(exp, cl, hashes))
+            .transpose()?,
     });
     Ok(StageKeys {
         tokenizer,

@@ -66,6 +66,45 @@ pub struct RunSummary {
     /// How the trial ended; read back when a study is merged from its trial folders.
     #[serde(default)]
     pub status: Option<crate::exec::TrialStatus>,
+    /// Continual learning: the accuracy matrix and what it says about forgetting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continual: Option<ContinualScores>,
+}
+
+/// A continual-learning sequence's results. `test[i][j]` is the test accuracy on task `j` after
+/// training on task `i` (`j <= i`); `dev` likewise where every task has a dev split.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ContinualScores {
+    pub strategy: String,
+    pub tasks: Vec<String>,
+    pub test: Vec<Vec<f64>>,
+    #[serde(default)]
+    pub dev: Vec<Vec<f64>>,
+}
+
+impl ContinualScores {
+    /// Mean accuracy over all tasks after the last one (of a complete matrix).
+    pub fn average(m: &[Vec<f64>]) -> Option<f64> {
+        let last = m.last()?;
+        Some(last.iter().sum::<f64>() / last.len().max(1) as f64)
+    }
+
+    /// Per earlier task, its best accuracy before the last task minus its final accuracy
+    /// (Chaudhry et al., 2018); the last task has none.
+    pub fn forgetting(m: &[Vec<f64>]) -> Vec<f64> {
+        let Some(last) = m.last() else {
+            return Vec::new();
+        };
+        (0..m.len().saturating_sub(1))
+            .map(|j| {
+                let best = m[j..m.len() - 1]
+                    .iter()
+                    .map(|row| row[j])
+                    .fold(f64::MIN, f64::max);
+                best - last[j]
+            })
+            .collect()
+    }
 }
 
 /// One stage of a trial: its cache key and whether an earlier run had already computed it.
@@ -130,6 +169,54 @@ impl RunSummary {
             scores: Vec::new(),
             stage_times: Vec::new(),
             failure: None,
+            continual: None,
+        }
+    }
+
+    /// The final results this summary holds, as rows of `store`: every split's scores, and for
+    /// continual learning the average accuracy over tasks (the `accuracy` of `test` and `dev`),
+    /// forgetting, per-task final accuracies and the whole matrix (`accuracy after TASK`).
+    pub fn push_results(&self, store: &mut Store) {
+        for (split, scores) in &self.scores {
+            store.push_scores(split, scores, &self.labels);
+        }
+        let Some(c) = &self.continual else { return };
+        let mut row = |split: &str, metric: String, class: Option<&String>, value: f64| {
+            store.results.push(crate::metrics::ResultRow {
+                split: split.into(),
+                metric,
+                class: class.cloned(),
+                value,
+            })
+        };
+        for (split, m) in [("test", &c.test), ("dev", &c.dev)] {
+            let Some(average) = ContinualScores::average(m) else {
+                continue;
+            };
+            row(split, "accuracy".into(), None, average);
+            let forgetting = ContinualScores::forgetting(m);
+            if !forgetting.is_empty() {
+                let mean = forgetting.iter().sum::<f64>() / forgetting.len() as f64;
+                row(split, "forgetting".into(), None, mean);
+            }
+            for (j, task) in c.tasks.iter().enumerate() {
+                if let Some(&v) = m.last().and_then(|r| r.get(j)) {
+                    row(split, "accuracy".into(), Some(task), v);
+                }
+                if let Some(&f) = forgetting.get(j) {
+                    row(split, "forgetting".into(), Some(task), f);
+                }
+            }
+            for (i, after) in m.iter().enumerate() {
+                for (j, &v) in after.iter().enumerate() {
+                    row(
+                        split,
+                        format!("accuracy after {}", c.tasks[i]),
+                        Some(&c.tasks[j]),
+                        v,
+                    );
+                }
+            }
         }
     }
 }
@@ -394,6 +481,18 @@ pub fn render(summary: &RunSummary, store: &Store) -> Result<String, String> {
             total_seconds => total,
             chance => 100.0 / summary.labels.len().max(1) as f64,
             label_counts => label_counts(summary),
+            continual => summary.continual.as_ref().map(|c| {
+                let forgetting = ContinualScores::forgetting(&c.test);
+                let mean = (!forgetting.is_empty())
+                    .then(|| forgetting.iter().sum::<f64>() / forgetting.len() as f64);
+                context! {
+                    average => ContinualScores::average(&c.test),
+                    dev_average => ContinualScores::average(&c.dev),
+                    forgetting => forgetting,
+                    forgetting_mean => mean,
+                    complete => c.test.len() == c.tasks.len(),
+                }
+            }),
             selected_on_dev => summary.scores.iter().any(|(split, _)| split == "dev"),
             pretrain_perplexity => pretrain_final,
             chart_pretrain => safe_svg(c.pretrain),

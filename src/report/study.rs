@@ -515,9 +515,7 @@ pub fn load_trial(dir: &Path) -> Result<(RunSummary, Store), String> {
     let summary: RunSummary = super::read_json(&dir.join("summary.json"))?;
     let mut store = Store::read_records(dir)
         .map_err(|x| format!("cannot read {}: {x}", dir.join("metrics.parquet").display()))?;
-    for (split, scores) in &summary.scores {
-        store.push_scores(split, scores, &summary.labels);
-    }
+    summary.push_results(&mut store);
     Ok((summary, store))
 }
 

@@ -51,6 +51,12 @@ pub struct Loaded<M, O, I> {
 }
 
 impl Checkpoints<'_> {
+    /// The step of the newest checkpoint in `dir`, if it holds one.
+    pub fn latest_step(dir: &Path) -> Option<usize> {
+        let name = std::fs::read_to_string(dir.join("latest")).ok()?;
+        name.trim().strip_prefix("step-")?.parse().ok()
+    }
+
     fn latest(&self) -> Option<PathBuf> {
         let name = std::fs::read_to_string(self.dir.join("latest")).ok()?;
         let dir = self.dir.join(name.trim());
