@@ -617,9 +617,17 @@ fn plan_lists_trials_and_stages_without_training() {
         String::from_utf8_lossy(&o.stdout).replace(&tmp.path().display().to_string(), "<out>")
     };
     insta::assert_snapshot!("plan_before", plan(&[]));
-    assert_eq!(
-        plan(&["--set", "experiment.backend=auto"]),
-        plan(&[]),
+    // Backends initialise differently, so they are part of the keys; `auto` is keyed as the
+    // backend it picks here (the CPU, or wgpu where Mesa's software Vulkan is installed).
+    let named: Vec<String> = ["cpu", "wgpu", "cuda"]
+        .iter()
+        .map(|b| plan(&["--set", &format!("experiment.backend={b}")]))
+        .collect();
+    assert_eq!(named[0], plan(&[]));
+    assert_ne!(named[0], named[1]);
+    assert_ne!(named[1], named[2]);
+    assert!(
+        named.contains(&plan(&["--set", "experiment.backend=auto"])),
         "`auto` is keyed as the backend it picks"
     );
     assert!(

@@ -175,7 +175,11 @@ pub fn keys(trials: &[Trial]) -> Result<Vec<StageKeys>, RunError> {
 }
 
 pub fn run(exp: &Experiment, trials: &[Trial], opts: &Options) -> Result<Outcome, RunError> {
-    backend::dispatch(exp.raw.experiment.backend, RunJob { exp, trials, opts })?
+    backend::dispatch(
+        exp.raw.experiment.backend,
+        &exp.cache_dir(),
+        RunJob { exp, trials, opts },
+    )?
 }
 
 struct RunJob<'a> {

@@ -1,0 +1,176 @@
+//! The GPU backends where there is no GPU: wgpu on Mesa's software Vulkan (lavapipe), installed
+//! from Debian's `mesa-vulkan-drivers` and `libvulkan1` when missing (set XRUN_SKIP_WGPU=1 to skip).
+//! CUDA's code paths are compiled in every build; they run on the GPU machine (BENCHMARKS.md).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const XRUN: &str = env!("CARGO_BIN_EXE_xrun");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Installs lavapipe and the Vulkan loader unless they are there.
+fn ensure_lavapipe() {
+    let icd = Path::new("/usr/share/vulkan/icd.d");
+    let present = std::fs::read_dir(icd).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("lvp_icd"))
+    }) && Path::new("/usr/lib/x86_64-linux-gnu/libvulkan.so.1").exists();
+    if present {
+        return;
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "mesa-vulkan-drivers", "libvulkan1"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .expect("apt-get runs")
+    };
+    let mut o = install();
+    if !o.status.success() {
+        let _ = Command::new("apt-get").args(["update", "-q"]).status();
+        o = install();
+    }
+    assert!(
+        o.status.success(),
+        "installing Mesa's Vulkan drivers failed (set XRUN_SKIP_WGPU=1 to skip):\n{}",
+        text(&o)
+    );
+}
+
+/// The smoke experiment without pretraining, on `backend`, into `out`.
+fn run(out: &Path, backend: &str) -> Output {
+    let out_set = format!("experiment.output_dir={}", out.display());
+    let backend_set = format!("experiment.backend=\"{backend}\"");
+    Command::new(XRUN)
+        .current_dir(root())
+        .args([
+            "experiments/smoke.toml",
+            "--quiet",
+            "--set",
+            &out_set,
+            "--set",
+            &backend_set,
+            "--set",
+            "pretrain.objective=\"none\"",
+            "--set",
+            "finetune.epochs=2",
+        ])
+        .env_remove("XRUN_DATA_ROOT")
+        .env("CUBECL_AUTOTUNE_LEVEL", "minimal")
+        .output()
+        .expect("xrun runs")
+}
+
+/// Mean training loss of each fine-tuning epoch.
+fn epoch_losses(run: &Path) -> Vec<f64> {
+    use polars::prelude::*;
+    let df = xrun::metrics::read_parquet(&run.join("metrics.parquet")).unwrap();
+    let mask = df.column("stage").unwrap().str().unwrap().equal("finetune")
+        & df.column("metric").unwrap().str().unwrap().equal("loss")
+        & df.column("split").unwrap().str().unwrap().equal("train");
+    let rows = df.filter(&mask).unwrap();
+    let epochs: Vec<u64> = rows
+        .column("epoch")
+        .unwrap()
+        .u64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
+    let values: Vec<f64> = rows
+        .column("value")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
+    let last = epochs.iter().copied().max().unwrap_or(0);
+    (1..=last)
+        .map(|e| {
+            let v: Vec<f64> = epochs
+                .iter()
+                .zip(&values)
+                .filter(|(x, _)| **x == e)
+                .map(|(_, v)| *v)
+                .collect();
+            v.iter().sum::<f64>() / v.len() as f64
+        })
+        .collect()
+}
+
+#[test]
+fn wgpu_on_software_vulkan_trains_like_the_cpu() {
+    if std::env::var_os("XRUN_SKIP_WGPU").is_some() {
+        eprintln!("XRUN_SKIP_WGPU is set: skipped");
+        return;
+    }
+    ensure_lavapipe();
+    let tmp = tempfile::tempdir().unwrap();
+    let (cpu_out, gpu_out) = (tmp.path().join("cpu"), tmp.path().join("wgpu"));
+    let o = run(&cpu_out, "cpu");
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&gpu_out, "wgpu");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !text(&o).contains("XDG_RUNTIME_DIR"),
+        "Mesa's complaint is not shown: {}",
+        text(&o)
+    );
+    let (cpu, gpu) = (
+        cpu_out.join("smoke/trials/base"),
+        gpu_out.join("smoke/trials/base"),
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gpu.join("summary.json")).unwrap()).unwrap();
+    let device = summary["device"]["device"].as_str().unwrap();
+    assert!(
+        device.contains("llvmpipe"),
+        "the report names the adapter: {device}"
+    );
+    assert!(summary["device"]["backend"]
+        .as_str()
+        .unwrap()
+        .starts_with("wgpu"));
+    // The same seed initialises differently on each backend, so the curves are not identical;
+    // both must learn the same way: every epoch's mean loss within 15% of the CPU's.
+    let (a, b) = (epoch_losses(&cpu), epoch_losses(&gpu));
+    assert_eq!(a.len(), 2);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 0.15 * x,
+            "epoch losses: cpu {a:?}, wgpu {b:?}"
+        );
+    }
+    // Autotune results persist under the experiment's cache, not wherever the process started.
+    let tuned = gpu_out.join(".cache/autotune");
+    let files = walk(&tuned);
+    assert!(
+        !files.is_empty(),
+        "no autotune cache in {}",
+        tuned.display()
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
