@@ -48,6 +48,9 @@ pub enum Command {
         /// With an experiment file: override a key, as for `xrun run`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// With an experiment file: the backend, as for `xrun run`.
+        #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
+        backend: Option<String>,
     },
     /// Remove cache entries that no run directory's plan references.
     Gc {
@@ -70,6 +73,20 @@ pub struct FileArgs {
     /// Override a key, e.g. `--set pretrain.objective=ar --set model.layers=2`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Train on this backend: `--set experiment.backend=…` in short.
+    #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
+    pub backend: Option<String>,
+}
+
+impl FileArgs {
+    /// The `--set` overrides, with `--backend` as one of them (last, so it wins).
+    pub fn overrides(&self) -> Vec<String> {
+        let mut sets = self.sets.clone();
+        if let Some(b) = &self.backend {
+            sets.push(format!("experiment.backend=\"{b}\""));
+        }
+        sets
+    }
 }
 
 #[derive(Args, Debug)]
@@ -180,9 +197,15 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Report { path, sets } if path.is_file() => {
-            merged_report(&FileArgs { file: path, sets })
-        }
+        Command::Report {
+            path,
+            sets,
+            backend,
+        } if path.is_file() => merged_report(&FileArgs {
+            file: path,
+            sets,
+            backend,
+        }),
         Command::Report { path, .. } => match crate::report::rerender(&path) {
             Ok(path) => {
                 println!("{}", path.display());
@@ -263,9 +286,10 @@ fn submit(args: &SubmitArgs) -> ExitCode {
         settings.cpus_per_task = args.cpus_per_task;
     }
     settings.options.extend(args.sbatch.iter().cloned());
+    let sets = args.file.overrides();
     let opts = crate::cluster::slurm::SubmitOptions {
         file: &args.file.file,
-        sets: &args.file.sets,
+        sets: &sets,
         settings,
         dry_run: args.dry_run,
         retry_failed: args.retry_failed,
@@ -281,7 +305,7 @@ fn load(args: &FileArgs) -> Result<(config::Experiment, Vec<Trial>), ExitCode> {
         eprintln!("{e}");
         ExitCode::from(EXIT_INVALID_INPUT)
     };
-    let exp = config::load(&args.file, &args.sets).map_err(fail)?;
+    let exp = config::load(&args.file, &args.overrides()).map_err(fail)?;
     let trials = crate::plan::expand(&exp).map_err(fail)?;
     Ok((exp, trials))
 }

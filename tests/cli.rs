@@ -331,19 +331,34 @@ fn a_failed_stage_exits_1_and_names_itself() {
 fn an_unavailable_backend_is_a_clear_error() {
     let o = xrun(
         &root(),
+        &["experiments/smoke.toml", "--quiet", "--backend", "cuda"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("backend `cuda` is not available here"),
+        "{err}"
+    );
+    assert!(
+        err.contains("libcuda.so.1") && err.contains("libnvrtc"),
+        "{err}"
+    );
+    // The same through the file's key, and no run directory is made.
+    let tmp = tempfile::tempdir().unwrap();
+    let out_set = format!("experiment.output_dir={}", tmp.path().display());
+    let o = xrun(
+        &root(),
         &[
             "experiments/smoke.toml",
             "--quiet",
             "--set",
             "experiment.backend=cuda",
+            "--set",
+            &out_set,
         ],
     );
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o).contains("backend `cuda` is not available"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(!tmp.path().join("smoke").exists(), "nothing ran");
 }
 
 #[test]
