@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 const XRUN: &str = env!("CARGO_BIN_EXE_xrun");
 
 fn root() -> PathBuf {
@@ -29,23 +31,7 @@ fn ensure_lavapipe() {
     if present {
         return;
     }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "mesa-vulkan-drivers", "libvulkan1"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .expect("apt-get runs")
-    };
-    let mut o = install();
-    if !o.status.success() {
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        o = install();
-    }
-    assert!(
-        o.status.success(),
-        "installing Mesa's Vulkan drivers failed (set XRUN_SKIP_WGPU=1 to skip):\n{}",
-        text(&o)
-    );
+    common::apt_install(&["mesa-vulkan-drivers", "libvulkan1"], "XRUN_SKIP_WGPU");
 }
 
 /// The smoke experiment without pretraining, on `backend`, into `out`.

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 const XRUN: &str = env!("CARGO_BIN_EXE_xrun");
 const FIXTURE: &str = "tests/fixtures/sweeps/cluster.toml";
 
@@ -158,31 +160,9 @@ fn start_cluster() -> Cluster {
          XRUN_SKIP_SLURM=1 to skip it"
     );
     if !needed.iter().all(|p| have(p)) {
-        let install = || {
-            Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-q",
-                    "slurmctld",
-                    "slurmd",
-                    "slurm-client",
-                    "munge",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .output()
-                .expect("apt-get runs")
-        };
-        let mut o = install();
-        if !o.status.success() {
-            // A fresh machine may have no package lists yet.
-            let _ = Command::new("apt-get").args(["update", "-q"]).status();
-            o = install();
-        }
-        assert!(
-            o.status.success(),
-            "installing Slurm failed (set XRUN_SKIP_SLURM=1 to skip this test):\n{}",
-            text(&o)
+        common::apt_install(
+            &["slurmctld", "slurmd", "slurm-client", "munge"],
+            "XRUN_SKIP_SLURM",
         );
     }
     let dir = std::env::temp_dir().join(format!("xrun-slurm-{}", std::process::id()));
