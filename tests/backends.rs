@@ -7,18 +7,12 @@ use std::process::{Command, Output};
 
 mod common;
 
+use common::text;
+
 const XRUN: &str = env!("CARGO_BIN_EXE_xrun");
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Installs lavapipe and the Vulkan loader unless they are there.

@@ -15,19 +15,13 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::text;
+
 const XRUN: &str = env!("CARGO_BIN_EXE_xrun");
 const FIXTURE: &str = "tests/fixtures/sweeps/cluster.toml";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The daemons of a one-node cluster, stopped by PID when dropped.

@@ -126,10 +126,16 @@ pub struct SourceSpec {
 impl DataSection {
     /// Whether the labelled splits are CoNLL token-classification files (decided by the training split).
     pub fn tagging(&self) -> bool {
-        self.train
-            .paths
+        self.train.conll()
+    }
+}
+
+impl SourceSpec {
+    /// Whether these files are read as CoNLL (by `format`, or by the first path's extension).
+    pub fn conll(&self) -> bool {
+        self.paths
             .first()
-            .is_some_and(|p| self.train.format.resolve(std::path::Path::new(p)) == Format::Conll)
+            .is_some_and(|p| self.format.resolve(std::path::Path::new(p)) == Format::Conll)
     }
 }
 

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use super::data::Format;
 use super::data::SourceSpec;
 use super::experiment::valid_name;
 use super::model::TokenizerKind;
@@ -429,10 +428,7 @@ fn source(
             });
         }
     }
-    let conll = spec
-        .paths
-        .first()
-        .is_some_and(|p| spec.format.resolve(Path::new(p)) == Format::Conll);
+    let conll = spec.conll();
     if labelled && conll != tagging {
         let (train, this) = if tagging {
             ("a CoNLL file (token classification)", "is not")

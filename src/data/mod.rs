@@ -76,7 +76,7 @@ impl Datasets {
                 message: "the training split has no usable examples".into(),
             });
         }
-        if d.tagging() {
+        if train_spec.conll() {
             let splits: Vec<&Split> = [Some(&train), dev.as_ref(), test.as_ref()]
                 .into_iter()
                 .flatten()

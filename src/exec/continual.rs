@@ -28,7 +28,7 @@ use super::tasks::{class_loss, dev_evaluation, evaluate_split, pad_rows, Labelle
 use super::trial::{
     failed, fit_finetune, log, publish_finetune, recorder, with_method, Context, Stop,
 };
-use crate::config::continual::Strategy;
+use crate::config::continual::{ContinualSection, Strategy};
 use crate::config::train::SelectMetric;
 use crate::data::batch::{epoch_batches, rng};
 use crate::data::Datasets;
@@ -165,6 +165,15 @@ impl<B: AutodiffBackend> Task<B> for ContinualTask<'_, B> {
     }
 }
 
+/// A parameter that trains, and its element count; EWC's visitors meet these in the same order.
+fn trainable<B: AutodiffBackend, const D: usize>(
+    p: &Param<Tensor<B, D>>,
+) -> Option<(Tensor<B, D>, usize)> {
+    let value = p.val();
+    let n = value.shape().num_elements();
+    value.is_require_grad().then_some((value, n))
+}
+
 /// `Σ F (θ − θ*)²` over the trainable backbone parameters.
 fn penalty<B: AutodiffBackend>(
     backbone: &Backbone<B>,
@@ -177,11 +186,9 @@ fn penalty<B: AutodiffBackend>(
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Sum<'_, B> {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            let value = p.val();
-            if !value.is_require_grad() {
+            let Some((value, n)) = trainable(p) else {
                 return;
-            }
-            let n = value.shape().num_elements();
+            };
             let anchor = Tensor::<B, 1>::from_inner(self.c.anchor[self.next].clone());
             let fisher = Tensor::<B, 1>::from_inner(self.c.fisher[self.next].clone());
             self.next += 1;
@@ -228,11 +235,9 @@ fn consolidate<B: AutodiffBackend>(
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Squares<'_, B> {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            let value = p.val();
-            if !value.is_require_grad() {
+            let Some((value, n)) = trainable(p) else {
                 return;
-            }
-            let n = value.shape().num_elements();
+            };
             let square = match value.grad(self.grads) {
                 Some(g) => g.reshape([n]).powi_scalar(2),
                 None => Tensor::zeros([n], &value.device()),
@@ -247,9 +252,7 @@ fn consolidate<B: AutodiffBackend>(
     struct Anchor<B: AutodiffBackend>(Vec<Tensor<B::InnerBackend, 1>>);
     impl<B: AutodiffBackend> ModuleVisitor<B> for Anchor<B> {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-            let value = p.val();
-            if value.is_require_grad() {
-                let n = value.shape().num_elements();
+            if let Some((value, n)) = trainable(p) {
                 self.0.push(value.inner().reshape([n]));
             }
         }
@@ -303,12 +306,12 @@ fn memory(tasks: &[TaskData], current: usize, per_task: usize, seed: u64) -> Vec
 /// the summary's as `TASK/train` and so on.
 pub fn load_tasks(
     trial: &Trial,
+    cl: &ContinualSection,
     first: TaskData,
     tokenizer: &TextTokenizer,
     summary: &mut RunSummary,
 ) -> Result<Vec<TaskData>, Stop> {
     let exp = &trial.exp;
-    let cl = exp.raw.continual.as_ref().expect("a continual experiment");
     let mut tasks = vec![first];
     for spec in &cl.tasks {
         let data = Datasets::load_task(exp, spec).map_err(|e| Stop::Failed {
@@ -345,6 +348,7 @@ pub(super) fn continual_stage<B: AutodiffBackend>(
     trial: &Trial,
     keys: &StageKeys,
     cx: &mut Context<B>,
+    cl: &ContinualSection,
     tasks: Vec<TaskData>,
     pad_id: u32,
     pool: Pool,
@@ -355,7 +359,6 @@ pub(super) fn continual_stage<B: AutodiffBackend>(
     building: Building,
 ) -> Result<(), Stop> {
     let exp = &trial.exp;
-    let cl = exp.raw.continual.as_ref().expect("a continual experiment");
     let f = &exp.raw.finetune;
     let key = &keys.finetune;
     let seed = exp.raw.experiment.seed.wrapping_add(1);
@@ -410,7 +413,8 @@ pub(super) fn continual_stage<B: AutodiffBackend>(
     }
     let mut consolidated: Vec<Consolidated<B::InnerBackend>> = Vec::new();
     if cl.strategy == Strategy::Ewc {
-        for (t, task) in tasks.iter().enumerate().take(done) {
+        // As the loop below: every finished task but the last of the sequence has a term.
+        for (t, task) in tasks.iter().enumerate().take(done.min(tasks.len() - 1)) {
             let m = load(&after(t))?;
             consolidated.push(consolidate(&m, t, &task.train, pool, pad_id, seed, &device));
         }

@@ -251,10 +251,10 @@ fn stages<B: AutodiffBackend>(
             dev: encoded.dev,
             test: encoded.test,
         };
-        let tasks = continual::load_tasks(trial, first, &tokenizer, summary)?;
+        let tasks = continual::load_tasks(trial, cl, first, &tokenizer, summary)?;
         let pool = pool_for(exp.raw.finetune.pooling, &cfg);
         return continual::continual_stage(
-            trial, keys, cx, tasks, pad_id, pool, backbone, &cfg, summary, store, building,
+            trial, keys, cx, cl, tasks, pad_id, pool, backbone, &cfg, summary, store, building,
         );
     }
     finetune_stage(

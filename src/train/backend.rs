@@ -153,26 +153,34 @@ fn configure_cubecl(cache_dir: &Path) {
     });
 }
 
+type Probed = std::sync::OnceLock<Result<DeviceInfo, String>>;
+
 /// Whether CUDA works here, probed once per process.
 fn probe_cuda(cache_dir: &Path) -> Result<DeviceInfo, BackendError> {
-    static PROBED: std::sync::OnceLock<Result<DeviceInfo, String>> = std::sync::OnceLock::new();
-    let probed = PROBED.get_or_init(|| start_cuda(cache_dir));
-    probed.clone().map_err(|reason| BackendError::Unavailable {
-        backend: "cuda",
-        reason,
-        hint: CUDA_HINT,
-    })
+    static PROBED: Probed = Probed::new();
+    once(&PROBED, || start_cuda(cache_dir), "cuda", CUDA_HINT)
 }
 
 /// Whether a wgpu adapter works here, probed once per process (its device is set up once).
 fn probe_wgpu(cache_dir: &Path) -> Result<DeviceInfo, BackendError> {
-    static PROBED: std::sync::OnceLock<Result<DeviceInfo, String>> = std::sync::OnceLock::new();
-    let probed = PROBED.get_or_init(|| start_wgpu(cache_dir));
-    probed.clone().map_err(|reason| BackendError::Unavailable {
-        backend: "wgpu",
-        reason,
-        hint: WGPU_HINT,
-    })
+    static PROBED: Probed = Probed::new();
+    once(&PROBED, || start_wgpu(cache_dir), "wgpu", WGPU_HINT)
+}
+
+/// The first `start`'s outcome, kept in `cell` for every later probe.
+fn once(
+    cell: &'static Probed,
+    start: impl FnOnce() -> Result<DeviceInfo, String>,
+    backend: &'static str,
+    hint: &'static str,
+) -> Result<DeviceInfo, BackendError> {
+    cell.get_or_init(start)
+        .clone()
+        .map_err(|reason| BackendError::Unavailable {
+            backend,
+            reason,
+            hint,
+        })
 }
 
 fn start_cuda(cache_dir: &Path) -> Result<DeviceInfo, String> {

@@ -1,6 +1,15 @@
 //! Helpers the integration tests that set up system software share.
 
-use std::process::Command;
+use std::process::{Command, Output};
+
+/// A finished command's stdout and stderr together, for failure messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
 
 /// Installs Debian `packages` with apt-get, updating the package lists once if the first try
 /// fails (a fresh machine may have none yet). On failure it panics with apt's output and the
@@ -21,9 +30,8 @@ pub fn apt_install(packages: &[&str], skip: &str) {
     }
     assert!(
         o.status.success(),
-        "installing {} failed (set {skip}=1 to skip this test):\n{}{}",
+        "installing {} failed (set {skip}=1 to skip this test):\n{}",
         packages.join(" "),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+        text(&o)
     );
 }
