@@ -52,6 +52,25 @@ pub enum Command {
         #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
         backend: Option<String>,
     },
+    /// Write a trial's model as a Hugging Face directory (config.json, model.safetensors, the
+    /// tokenizer and a model card) that transformers loads.
+    Export {
+        /// A trial folder (reports/NAME/trials/ID) or a run directory with `--trial`.
+        run_dir: PathBuf,
+        /// The trial to export, when the run directory has several.
+        #[arg(long)]
+        trial: Option<String>,
+        /// The format: `hf` (Hugging Face transformers).
+        #[arg(long, value_parser = ["hf"], default_value = "hf")]
+        format: String,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Which model: the fine-tuned classifier (auto, when there is one), the pretraining LM
+        /// head, or the backbone alone.
+        #[arg(long, value_enum, default_value = "auto")]
+        head: crate::hf::WhichHead,
+    },
     /// Remove cache entries that no run directory's plan references.
     Gc {
         /// The output folder whose run directories are kept (their plan.json files).
@@ -158,6 +177,7 @@ pub fn normalize_args(mut args: Vec<String>) -> Vec<String> {
         "report",
         "plan",
         "gc",
+        "export",
         "submit",
         "status",
         "help",
@@ -180,6 +200,30 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Validate(args) => validate(&args),
         Command::Plan { file, verbose } => plan(&file, verbose),
+        Command::Export {
+            run_dir,
+            trial,
+            format: _,
+            out,
+            head,
+        } => {
+            let args = crate::hf::ExportArgs {
+                run_dir,
+                trial,
+                out,
+                head,
+            };
+            match crate::hf::export(&args) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_INVALID_INPUT)
+                }
+            }
+        }
         Command::Gc {
             output_dir,
             cache,

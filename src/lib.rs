@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod exec;
+pub mod hf;
 pub mod metrics;
 pub mod model;
 pub mod plan;

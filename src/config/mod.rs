@@ -110,6 +110,12 @@ impl Experiment {
             .unwrap_or(Origin::Nowhere)
     }
 
+    /// `model.init`'s Hugging Face checkpoint directory, relative to the experiment file.
+    pub fn hf_init(&self) -> Option<PathBuf> {
+        let init = self.raw.model.init.as_ref()?;
+        Some(self.file.parent().unwrap_or(Path::new("")).join(&init.hf))
+    }
+
     /// Where stage outputs are cached: `experiment.cache_dir`, else `<output_dir>/.cache`.
     pub fn cache_dir(&self) -> PathBuf {
         match &self.raw.experiment.cache_dir {

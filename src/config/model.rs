@@ -63,6 +63,17 @@ pub struct ModelSection {
     /// 0, `b [SEP]` segment 1. Default: on when `data.train.text_pair` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segments: Option<bool>,
+    /// Start from a Hugging Face checkpoint: `init = { hf = "path/to/dir" }` (a directory with
+    /// `config.json`, `model.safetensors` and `tokenizer.json` or `vocab.txt`, relative to the
+    /// experiment file). Its `config.json` sets the shape; `[tokenizer]` is its tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InitSection {
+    pub hf: String,
 }
 
 impl Default for TokenizerSection {
@@ -89,6 +100,7 @@ impl Default for ModelSection {
             dropout: default_dropout(),
             norm: default_norm(),
             segments: None,
+            init: None,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::data::SourceSpec;
 use super::experiment::valid_name;
-use super::model::TokenizerKind;
+use super::model::{NormPlacement, TokenizerKind};
 use super::train::{Objective, OptimSection, SelectMetric};
 use super::{Diagnostic, Experiment, Places, RawDoc};
 
@@ -57,7 +57,10 @@ pub(super) fn check(
         }
     }
     model(&mut c, &raw);
-    tokenizer(&mut c, &raw, &base);
+    match &raw.model.init {
+        Some(init) => hf_init(&mut c, &raw, &base.join(&init.hf)),
+        None => tokenizer(&mut c, &raw, &base),
+    }
     pretrain(&mut c, &raw);
     optim(&mut c, "pretrain.optim", &raw.pretrain.optim);
     optim(&mut c, "finetune.optim", &raw.finetune.optim);
@@ -125,6 +128,100 @@ fn model(c: &mut Checker, raw: &RawDoc) {
             format!(
                 "`model.d_model` = {} is not divisible by `model.heads` = {}",
                 m.d_model, m.heads
+            ),
+        );
+    }
+}
+
+/// `model.init = { hf = DIR }`: the checkpoint sets the shape and the tokenizer, so `[model]`
+/// shape keys must agree with its `config.json` and `[tokenizer]` must be absent.
+fn hf_init(c: &mut Checker, raw: &RawDoc, dir: &Path) {
+    let hf = match crate::hf::read_config(dir) {
+        Ok(hf) => hf,
+        Err(e) => return c.fail("model.init", e),
+    };
+    if crate::hf::tokenizer_file(dir).is_none() {
+        c.fail(
+            "model.init",
+            format!("{}: no tokenizer.json (nor vocab.txt)", dir.display()),
+        );
+    }
+    for key in [
+        "kind",
+        "vocab_size",
+        "min_frequency",
+        "lowercase",
+        "limit_alphabet",
+        "path",
+    ] {
+        let path = format!("tokenizer.{key}");
+        if c.places.is_set(&path) {
+            c.fail(
+                &path,
+                format!(
+                    "`{path}` is set, but `model.init` uses the checkpoint's own tokenizer; remove it"
+                ),
+            );
+        }
+    }
+    let m = &raw.model;
+    let bert = hf.family != crate::model::Family::Gpt2;
+    let norm = if bert {
+        NormPlacement::Post
+    } else {
+        NormPlacement::Pre
+    };
+    let shape = [
+        ("model.d_model", m.d_model, hf.d_model),
+        ("model.layers", m.layers, hf.layers),
+        ("model.heads", m.heads, hf.heads),
+        ("model.d_ff", m.d_ff, hf.d_ff),
+    ];
+    for (path, ours, theirs) in shape {
+        if c.places.is_set(path) && ours != theirs {
+            c.fail(
+                path,
+                format!(
+                    "`{path}` = {ours} conflicts with {} ({theirs}): the checkpoint sets the shape; remove the key",
+                    dir.join("config.json").display()
+                ),
+            );
+        }
+    }
+    if c.places.is_set("model.norm") && m.norm != norm {
+        c.fail(
+            "model.norm",
+            format!(
+                "`model.norm` conflicts with the checkpoint: a {} is {}-norm",
+                hf.family.name(),
+                if bert { "post" } else { "pre" }
+            ),
+        );
+    }
+    if m.max_len > hf.max_len() {
+        c.fail(
+            "model.max_len",
+            format!(
+                "`model.max_len` = {} is longer than the checkpoint's {} positions",
+                m.max_len,
+                hf.max_len()
+            ),
+        );
+    }
+    if !bert && m.segments == Some(true) {
+        c.fail(
+            "model.segments",
+            "GPT-2 has no segment embeddings: `model.segments = true` cannot apply".into(),
+        );
+    }
+    let objective = raw.pretrain.objective;
+    if (bert && objective == Objective::Ar) || (!bert && objective == Objective::Mlm) {
+        c.fail(
+            "pretrain.objective",
+            format!(
+                "continued pretraining of a {} needs `objective = \"{}\"` (or \"none\")",
+                hf.family.name(),
+                if bert { "mlm" } else { "ar" }
             ),
         );
     }

@@ -33,7 +33,7 @@ use crate::config::train::SelectMetric;
 use crate::data::batch::{epoch_batches, rng};
 use crate::data::Datasets;
 use crate::metrics::Store;
-use crate::model::{Backbone, BackboneConfig, ClassifierHead, MultiTask, Pool};
+use crate::model::{Backbone, BackboneConfig, MultiTask, Pool};
 use crate::plan::keys::StageKeys;
 use crate::plan::Trial;
 use crate::report::{ContinualScores, RunSummary, StageUse};
@@ -371,7 +371,7 @@ pub(super) fn continual_stage<B: AutodiffBackend>(
     let backbone = with_method(f, Backbone::<B>::from_inner(backbone), &device);
     let heads = tasks
         .iter()
-        .map(|t| ClassifierHead::new(cfg.d_model, t.labels.len(), cfg.dropout, &device))
+        .map(|t| cfg.classifier_head(t.labels.len(), false, &device))
         .collect();
     let fresh = MultiTask { backbone, heads };
     let counts = crate::train::parameter_counts::<B, _>(&fresh);

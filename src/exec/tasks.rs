@@ -400,6 +400,11 @@ mod tests {
             pre_norm: true,
             causal: false,
             segments: None,
+            type_vocab: 2,
+            family: Default::default(),
+            norm_eps: 1e-5,
+            gelu_tanh: false,
+            pooler: false,
         }
     }
 
@@ -420,7 +425,7 @@ mod tests {
         };
         let model = Classifier {
             backbone,
-            head: ClassifierHead::new(16, 3, 0.1, &device),
+            head: ClassifierHead::new(16, 3, 0.1, true, &device),
         };
         let (trainable, total) = parameter_counts::<CpuTrain, _>(&model);
         assert_eq!(total, values(&model).values().map(Vec::len).sum::<usize>());
@@ -499,7 +504,7 @@ mod tests {
                 .init::<CpuTrain>(&device)
                 .no_grad()
                 .with_lora(&Default::default(), &device),
-            head: ClassifierHead::new(16, 3, 0.0, &device),
+            head: ClassifierHead::new(16, 3, 0.0, true, &device),
         };
         let ids = Tensor::<CpuTrain, 2, Int>::from_data(
             TensorData::new(vec![2, 5, 6, 3, 2, 7, 8, 3], [2, 4]),

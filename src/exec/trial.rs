@@ -20,7 +20,7 @@ use super::{Options, Until};
 use crate::config::train::{Method, Objective, Pooling, DEFAULT_PRETRAIN_STEPS};
 use crate::data::Datasets;
 use crate::metrics::Store;
-use crate::model::{Backbone, BackboneConfig, Classifier, ClassifierHead, LmHead, LmModel, Pool};
+use crate::model::{Backbone, BackboneConfig, Classifier, LmHead, LmModel, Pool};
 use crate::plan::keys::StageKeys;
 use crate::plan::Trial;
 use crate::report::{RunSummary, StageUse};
@@ -201,17 +201,36 @@ fn stages<B: AutodiffBackend>(
         .push(("tokenizer".into(), started.elapsed().as_secs_f64()));
 
     let m = &exp.raw.model;
-    let cfg = BackboneConfig {
-        vocab_size: tokenizer.vocab_size,
-        d_model: m.d_model,
-        layers: m.layers,
-        heads: m.heads,
-        d_ff: m.d_ff,
-        max_len: m.max_len,
-        dropout: m.dropout,
-        pre_norm: m.norm == crate::config::model::NormPlacement::Pre,
-        causal: exp.raw.pretrain.objective == Objective::Ar,
-        segments: (m.segments == Some(true)).then_some(tokenizer.specials.sep),
+    let cfg = match exp.hf_init() {
+        Some(dir) => {
+            let hf = crate::hf::read_config(&dir).map_err(failed("pretrain"))?;
+            if tokenizer.vocab_size > hf.vocab_size {
+                return Err(failed("pretrain")(format!(
+                    "{}: the tokenizer has {} tokens, the model's `vocab_size` {}",
+                    dir.display(),
+                    tokenizer.vocab_size,
+                    hf.vocab_size
+                )));
+            }
+            hf.backbone(m.dropout, tokenizer.specials.sep)
+        }
+        None => BackboneConfig {
+            vocab_size: tokenizer.vocab_size,
+            d_model: m.d_model,
+            layers: m.layers,
+            heads: m.heads,
+            d_ff: m.d_ff,
+            max_len: m.max_len,
+            dropout: m.dropout,
+            pre_norm: m.norm == crate::config::model::NormPlacement::Pre,
+            causal: exp.raw.pretrain.objective == Objective::Ar,
+            segments: (m.segments == Some(true)).then_some(tokenizer.specials.sep),
+            type_vocab: 2,
+            family: Default::default(),
+            norm_eps: 1e-5,
+            gelu_tanh: false,
+            pooler: false,
+        },
     };
     summary.parameters = Some(cfg.parameters());
     summary.model = Some(cfg.clone());
@@ -234,7 +253,7 @@ fn stages<B: AutodiffBackend>(
             head: lm_head.unwrap_or_else(|| {
                 // No pretraining: an untrained head, the chance-level baseline.
                 B::seed(&cx.device, exp.raw.experiment.seed.wrapping_add(1));
-                LmHead::<B>::new(cfg.d_model, cfg.vocab_size, &cx.device).valid()
+                cfg.lm_head::<B>(&cx.device).valid()
             }),
             backbone,
         };
@@ -367,9 +386,14 @@ fn tokenizer_stage<B: Backend>(
         .log(&trial.id, "tokenizer", "start")
         .key(&key.hash);
     let exp = &trial.exp;
-    let base_dir = exp.file.parent().unwrap_or(Path::new("")).to_path_buf();
-    let tok = TextTokenizer::build(&exp.raw.tokenizer, &base_dir, data.tokenizer_texts())
-        .map_err(|e| err(e.to_string()))?;
+    let tok = match exp.hf_init() {
+        Some(dir) => crate::hf::load_tokenizer(&dir).map_err(&err)?,
+        None => {
+            let base_dir = exp.file.parent().unwrap_or(Path::new("")).to_path_buf();
+            TextTokenizer::build(&exp.raw.tokenizer, &base_dir, data.tokenizer_texts())
+                .map_err(|e| err(e.to_string()))?
+        }
+    };
     let built_by = format!("{}/{}", cx.experiment, trial.id);
     cx.cache
         .commit("tokenizer", key, building, &built_by, Status::Done, |dir| {
@@ -446,14 +470,23 @@ fn pretrain_stage<B: AutodiffBackend>(
     let seed = exp.raw.experiment.seed;
     let device = cx.device.clone();
     B::seed(&device, seed);
-    let backbone = cfg.init::<B>(&device);
-    let Some(key) = &keys.pretrain else {
-        return Ok((backbone.valid(), None));
-    };
     let err = failed("pretrain");
+    let (backbone, head) = match exp.hf_init() {
+        Some(dir) => {
+            let imported = crate::hf::import::<B>(&dir, cfg, &device).map_err(&err)?;
+            for note in &imported.notes {
+                log(cx.opts, &format!("{}: {note}", dir.display()));
+            }
+            (imported.backbone, imported.lm_head)
+        }
+        None => (cfg.init::<B>(&device), None),
+    };
+    let Some(key) = &keys.pretrain else {
+        return Ok((backbone.valid(), head.map(|h| h.valid())));
+    };
     let model = LmModel {
         backbone,
-        head: LmHead::new(cfg.d_model, cfg.vocab_size, &device),
+        head: head.unwrap_or_else(|| cfg.lm_head(&device)),
     };
     let reuse =
         |cx: &mut Context<B>, store: &mut Store, summary: &mut RunSummary, status: Status| {
@@ -649,7 +682,7 @@ fn finetune_stage<B: AutodiffBackend>(
     let backbone = with_method(f, Backbone::<B>::from_inner(backbone), &device);
     let model = Classifier {
         backbone,
-        head: ClassifierHead::new(cfg.d_model, classes, cfg.dropout, &device),
+        head: cfg.classifier_head(classes, data.scheme.is_some(), &device),
     };
     let (trainable, total) = crate::train::parameter_counts::<B, _>(&model);
     summary.trainable_parameters = Some((trainable, total));

@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::gelu;
+use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -18,6 +18,8 @@ pub struct BlockConfig {
     pub d_ff: usize,
     pub dropout: f64,
     pub pre_norm: bool,
+    pub norm_eps: f64,
+    pub gelu_tanh: bool,
 }
 
 /// Scaled dot-product attention over `heads` heads (Vaswani et al., 2017, §3.2).
@@ -43,6 +45,8 @@ pub struct FeedForward<B: Backend> {
     pub down: Linear<B>,
     pub lora_up: Option<Lora<B>>,
     pub lora_down: Option<Lora<B>>,
+    /// GELU's tanh approximation (GPT-2) instead of the exact form.
+    pub gelu_tanh: bool,
 }
 
 #[derive(Module, Debug)]
@@ -80,9 +84,14 @@ impl BlockConfig {
                 down: linear(self.d_ff, d, device),
                 lora_up: None,
                 lora_down: None,
+                gelu_tanh: self.gelu_tanh,
             },
-            norm_attention: LayerNormConfig::new(d).init(device),
-            norm_feed_forward: LayerNormConfig::new(d).init(device),
+            norm_attention: LayerNormConfig::new(d)
+                .with_epsilon(self.norm_eps)
+                .init(device),
+            norm_feed_forward: LayerNormConfig::new(d)
+                .with_epsilon(self.norm_eps)
+                .init(device),
             dropout: DropoutConfig::new(self.dropout).init(),
             pre_norm: self.pre_norm,
             adapter_attention: None,
@@ -149,7 +158,12 @@ fn prefix_mask<B: Backend>(
 
 impl<B: Backend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = gelu(project(&self.up, &self.lora_up, x));
+        let h = project(&self.up, &self.lora_up, x);
+        let h = if self.gelu_tanh {
+            gelu_approximate(h)
+        } else {
+            gelu(h)
+        };
         project(&self.down, &self.lora_down, h)
     }
 }

@@ -3,35 +3,57 @@
 //! and a classification head on a pooled vector.
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
-use super::linear;
+use super::{linear, INIT};
 
-/// BERT's MLM head (dense → GELU → LayerNorm → vocabulary projection), used for AR as well.
+/// BERT's MLM head (dense → GELU → LayerNorm → vocabulary projection), used for AR as well; a
+/// GPT-2 import has the projection alone, without bias.
 #[derive(Module, Debug)]
 pub struct LmHead<B: Backend> {
-    pub dense: Linear<B>,
-    pub norm: LayerNorm<B>,
+    pub dense: Option<Linear<B>>,
+    pub norm: Option<LayerNorm<B>>,
     pub decoder: Linear<B>,
 }
 
 impl<B: Backend> LmHead<B> {
-    pub fn new(d_model: usize, vocab_size: usize, device: &B::Device) -> Self {
+    /// `transform`: BERT's layout (dense, LayerNorm, projection with bias); else GPT-2's.
+    pub fn new(
+        d_model: usize,
+        vocab_size: usize,
+        transform: bool,
+        norm_eps: f64,
+        device: &B::Device,
+    ) -> Self {
+        let dense = transform.then(|| linear(d_model, d_model, device));
+        let norm = transform.then(|| {
+            LayerNormConfig::new(d_model)
+                .with_epsilon(norm_eps)
+                .init(device)
+        });
         Self {
-            dense: linear(d_model, d_model, device),
-            norm: LayerNormConfig::new(d_model).init(device),
-            decoder: linear(d_model, vocab_size, device),
+            dense,
+            norm,
+            decoder: LinearConfig::new(d_model, vocab_size)
+                .with_initializer(INIT)
+                .with_bias(transform)
+                .init(device),
         }
     }
 
     /// `hidden`: `[batch, seq, d]`; `positions`: `[n]` flat indices into `batch * seq`. Returns `[n, vocab]`.
     pub fn forward(&self, hidden: Tensor<B, 3>, positions: Tensor<B, 1, Int>) -> Tensor<B, 2> {
         let [batch, seq, d] = hidden.dims();
-        let picked = hidden.reshape([batch * seq, d]).select(0, positions);
-        let h = self.norm.forward(gelu(self.dense.forward(picked)));
+        let mut h = hidden.reshape([batch * seq, d]).select(0, positions);
+        if let Some(dense) = &self.dense {
+            h = gelu(dense.forward(h));
+        }
+        if let Some(norm) = &self.norm {
+            h = norm.forward(h);
+        }
         self.decoder.forward(h)
     }
 }
@@ -54,21 +76,36 @@ pub struct ClassifierHead<B: Backend> {
 }
 
 impl<B: Backend> ClassifierHead<B> {
-    pub fn new(d_model: usize, classes: usize, dropout: f64, device: &B::Device) -> Self {
+    /// `bias`: false for GPT-2's bias-free `score` projection.
+    pub fn new(
+        d_model: usize,
+        classes: usize,
+        dropout: f64,
+        bias: bool,
+        device: &B::Device,
+    ) -> Self {
         Self {
             dropout: DropoutConfig::new(dropout).init(),
-            output: linear(d_model, classes, device),
+            output: LinearConfig::new(d_model, classes)
+                .with_initializer(INIT)
+                .with_bias(bias)
+                .init(device),
         }
     }
 
     /// `hidden`: `[batch, seq, d]`, `pad`: `[batch, seq]`. Returns logits `[batch, classes]`.
+    /// A BERT `pooler` (dense + tanh) applies to the pooled vector first.
     pub fn forward(
         &self,
         hidden: Tensor<B, 3>,
         pad: Tensor<B, 2, Bool>,
         pool: Pool,
+        pooler: Option<&Linear<B>>,
     ) -> Tensor<B, 2> {
-        let pooled = pool_hidden(hidden, pad, pool);
+        let mut pooled = pool_hidden(hidden, pad, pool);
+        if let Some(dense) = pooler {
+            pooled = dense.forward(pooled).tanh();
+        }
         self.output.forward(self.dropout.forward(pooled))
     }
 

@@ -34,6 +34,52 @@ pub(crate) fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) 
         .init(device)
 }
 
+/// Where a backbone's layout comes from: xrun's own, or a Hugging Face family it was imported from
+/// (which fixes the heads' layout and how positions are numbered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Xrun,
+    Bert,
+    Roberta,
+    Gpt2,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Xrun => "xrun",
+            Family::Bert => "bert",
+            Family::Roberta => "roberta",
+            Family::Gpt2 => "gpt2",
+        }
+    }
+
+    /// RoBERTa numbers positions from `padding_idx + 1` = 2.
+    pub fn position_offset(self) -> usize {
+        if self == Family::Roberta {
+            2
+        } else {
+            0
+        }
+    }
+
+    /// GPT-2's LM head is a bias-free projection and its classifier (`score`) has no bias; the
+    /// others use BERT's head (dense → GELU → LayerNorm → projection with bias).
+    pub fn bert_heads(self) -> bool {
+        self != Family::Gpt2
+    }
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+fn default_type_vocab() -> usize {
+    2
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BackboneConfig {
     pub vocab_size: usize,
@@ -49,6 +95,20 @@ pub struct BackboneConfig {
     /// Segment embeddings: `Some(sep)` numbers tokens after the first `[SEP]` (id `sep`) segment 1.
     #[serde(default)]
     pub segments: Option<u32>,
+    /// Rows of the segment table (RoBERTa has 1: every token is segment 0).
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab: usize,
+    #[serde(default)]
+    pub family: Family,
+    /// LayerNorm epsilon (BERT 1e-12, GPT-2 and xrun 1e-5).
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    /// GELU's tanh approximation (GPT-2's `gelu_new`) instead of the exact erf form.
+    #[serde(default)]
+    pub gelu_tanh: bool,
+    /// BERT's pooler (dense + tanh on the pooled vector) before the classifier.
+    #[serde(default)]
+    pub pooler: bool,
 }
 
 #[derive(Module, Debug)]
@@ -63,20 +123,31 @@ pub struct Backbone<B: Backend> {
     pub embed_norm: Option<LayerNorm<B>>,
     pub blocks: Vec<Block<B>>,
     pub final_norm: Option<LayerNorm<B>>,
+    /// BERT's pooler: `tanh(dense(pooled))` feeds the classifier.
+    pub pooler: Option<Linear<B>>,
     pub dropout: Dropout,
     pub heads: usize,
     pub causal: bool,
+    pub position_offset: usize,
+    /// Rows of the segment table: segment ids are clamped below it.
+    pub type_vocab: usize,
 }
 
 impl BackboneConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Backbone<B> {
-        let norm = || LayerNormConfig::new(self.d_model).init(device);
+        let norm = || {
+            LayerNormConfig::new(self.d_model)
+                .with_epsilon(self.norm_eps)
+                .init(device)
+        };
         let block = BlockConfig {
             d_model: self.d_model,
             heads: self.heads,
             d_ff: self.d_ff,
             dropout: self.dropout,
             pre_norm: self.pre_norm,
+            norm_eps: self.norm_eps,
+            gelu_tanh: self.gelu_tanh,
         };
         Backbone {
             tokens: EmbeddingConfig::new(self.vocab_size, self.d_model)
@@ -86,7 +157,7 @@ impl BackboneConfig {
                 .with_initializer(INIT)
                 .init(device),
             segments: self.segments.map(|_| {
-                EmbeddingConfig::new(2, self.d_model)
+                EmbeddingConfig::new(self.type_vocab, self.d_model)
                     .with_initializer(INIT)
                     .init(device)
             }),
@@ -94,10 +165,43 @@ impl BackboneConfig {
             embed_norm: (!self.pre_norm).then(norm),
             blocks: (0..self.layers).map(|_| block.init(device)).collect(),
             final_norm: self.pre_norm.then(norm),
+            pooler: self
+                .pooler
+                .then(|| linear(self.d_model, self.d_model, device)),
             dropout: DropoutConfig::new(self.dropout).init(),
             heads: self.heads,
             causal: self.causal,
+            position_offset: self.family.position_offset(),
+            type_vocab: self.type_vocab,
         }
+    }
+
+    /// A fresh LM head in the family's layout.
+    pub fn lm_head<B: Backend>(&self, device: &B::Device) -> LmHead<B> {
+        LmHead::new(
+            self.d_model,
+            self.vocab_size,
+            self.family.bert_heads(),
+            self.norm_eps,
+            device,
+        )
+    }
+
+    /// A fresh classification head in the family's layout: GPT-2's sequence classifier (`score`)
+    /// has no bias, its token classifier has one.
+    pub fn classifier_head<B: Backend>(
+        &self,
+        classes: usize,
+        tagging: bool,
+        device: &B::Device,
+    ) -> ClassifierHead<B> {
+        ClassifierHead::new(
+            self.d_model,
+            classes,
+            self.dropout,
+            self.family.bert_heads() || tagging,
+            device,
+        )
     }
 
     /// Trainable parameters of the backbone (embeddings, blocks, norms), counted from the shapes.
@@ -105,8 +209,13 @@ impl BackboneConfig {
         let (d, f) = (self.d_model, self.d_ff);
         let norm = 2 * d;
         let block = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * norm;
-        let segments = if self.segments.is_some() { 2 } else { 0 };
-        (self.vocab_size + self.max_len + segments) * d + self.layers * block + norm
+        let segments = if self.segments.is_some() {
+            self.type_vocab
+        } else {
+            0
+        };
+        let pooler = if self.pooler { d * d + d } else { 0 };
+        (self.vocab_size + self.max_len + segments) * d + self.layers * block + norm + pooler
     }
 }
 
@@ -115,7 +224,8 @@ impl<B: Backend> Backbone<B> {
     pub fn forward(&self, ids: Tensor<B, 2, Int>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
         let [batch, seq] = ids.dims();
         let device = ids.device();
-        let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+        let offset = self.position_offset as i64;
+        let positions = Tensor::<B, 1, Int>::arange(offset..offset + seq as i64, &device)
             .reshape([1, seq])
             .repeat_dim(0, batch);
         // Segment ids first: `ids` moves into the token lookup, whose sum with the positions keeps
@@ -123,7 +233,7 @@ impl<B: Backend> Backbone<B> {
         let segments = self
             .segments
             .as_ref()
-            .map(|s| s.forward(segment_ids(ids.clone(), self.sep)));
+            .map(|s| s.forward(segment_ids(ids.clone(), self.sep, self.type_vocab)));
         let mut x = self.tokens.forward(ids) + self.positions.forward(positions);
         if let Some(segments) = segments {
             x = x + segments;
@@ -223,9 +333,10 @@ fn trainable_norm<B: Backend>(mut norm: LayerNorm<B>) -> LayerNorm<B> {
 }
 
 /// 0 up to and including the first `[SEP]`, 1 after it: `[CLS] a [SEP]` → 0, `b [SEP]` → 1.
-pub fn segment_ids<B: Backend>(ids: Tensor<B, 2, Int>, sep: u32) -> Tensor<B, 2, Int> {
+/// With a one-row table (RoBERTa) every token is segment 0.
+pub fn segment_ids<B: Backend>(ids: Tensor<B, 2, Int>, sep: u32, rows: usize) -> Tensor<B, 2, Int> {
     let is_sep = ids.equal_elem(sep as i64).int();
-    (is_sep.clone().cumsum(1) - is_sep).clamp_max(1)
+    (is_sep.clone().cumsum(1) - is_sep).clamp_max(rows.clamp(1, 2) as i64 - 1)
 }
 
 #[cfg(test)]
@@ -262,6 +373,11 @@ mod tests {
             pre_norm: true,
             causal,
             segments: None,
+            type_vocab: 2,
+            family: Family::Xrun,
+            norm_eps: 1e-5,
+            gelu_tanh: false,
+            pooler: false,
         }
     }
 
@@ -366,7 +482,7 @@ mod tests {
             TensorData::new(vec![2, 10, 11, 3, 20, 21, 3, 2, 10, 3, 0, 0, 0, 0], [2, 7]),
             &device,
         );
-        let seg: Vec<i64> = segment_ids(ids, 3)
+        let seg: Vec<i64> = segment_ids(ids, 3, 2)
             .into_data()
             .convert::<i64>()
             .to_vec()
@@ -493,7 +609,8 @@ impl<B: Backend> Classifier<B> {
         pool: Pool,
     ) -> Tensor<B, 2> {
         let hidden = self.backbone.forward(ids, pad.clone());
-        self.head.forward(hidden, pad, pool)
+        self.head
+            .forward(hidden, pad, pool, self.backbone.pooler.as_ref())
     }
 
     /// Tag logits `[n, classes]` at `positions` (flat indices into `batch * seq`).

@@ -133,6 +133,9 @@ struct TokenizerInputs<'a> {
     rev: u32,
     tokenizer: &'a TokenizerSection,
     tokenizer_file: Option<String>,
+    /// `model.init`'s checkpoint files, by content.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init: Option<Vec<String>>,
     on_error: OnError,
     texts: Source<'a>,
 }
@@ -147,6 +150,8 @@ struct PretrainInputs<'a> {
     seed: u64,
     tokenizer: &'a str,
     model: &'a ModelSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init: Option<Vec<String>>,
     pretrain: PretrainSection,
     optim: Optim,
     eval: &'a EvalSection,
@@ -166,6 +171,8 @@ struct FinetuneInputs<'a> {
     pretrain: Option<&'a str>,
     objective: Objective,
     model: &'a ModelSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init: Option<Vec<String>>,
     /// The section without `method` when it is `full`, so keys from before methods existed hold.
     finetune: serde_json::Value,
     optim: Optim,
@@ -270,12 +277,22 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
     };
     let mut tokenizer_section = raw.tokenizer.clone();
     tokenizer_section.path = None;
+    let init = match &raw.model.init {
+        Some(i) => Some(
+            crate::hf::checkpoint_files(&base.join(&i.hf))
+                .iter()
+                .map(|f| hashes.of(f))
+                .collect::<std::io::Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
     let tokenizer = Key::of(&TokenizerInputs {
         stage: "tokenizer",
         xrun: VERSION,
         rev: TOKENIZER_REV,
         tokenizer: &tokenizer_section,
         tokenizer_file,
+        init: init.clone(),
         on_error: d.on_error,
         texts: source(exp, d.corpus.as_ref().unwrap_or(&d.train), hashes)?,
     });
@@ -294,6 +311,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
                 seed,
                 tokenizer: &tokenizer.hash,
                 model: &raw.model,
+                init: init.clone(),
                 pretrain: section,
                 optim,
                 eval: &raw.eval,
@@ -340,6 +358,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         pretrain: pretrain.as_ref().map(|k| k.hash.as_str()),
         objective: raw.pretrain.objective,
         model: &raw.model,
+        init,
         finetune: finetune_section,
         optim: exp.finetune_optim(),
         eval: &raw.eval,

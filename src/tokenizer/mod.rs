@@ -81,6 +81,25 @@ impl TextTokenizer {
         Self::from_tokenizer(inner, "the trained tokenizer")
     }
 
+    /// BERT's WordPiece from a `vocab.txt` (one token per line, ids in line order).
+    pub fn from_vocab(path: &Path, lowercase: bool) -> Result<Self, TokenizerError> {
+        let load = |message: String| TokenizerError::Load {
+            path: path.display().to_string(),
+            message,
+        };
+        let model = WordPiece::from_file(&path.display().to_string())
+            .unk_token("[UNK]".into())
+            .continuing_subword_prefix("##".into())
+            .build()
+            .map_err(|e| load(e.to_string()))?;
+        let mut tok = Tokenizer::new(model);
+        tok.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+            .with_pre_tokenizer(Some(BertPreTokenizer))
+            .with_decoder(Some(WordPieceDecoder::default()));
+        tok.add_special_tokens(&special_tokens());
+        Self::from_tokenizer(tok, &path.display().to_string())
+    }
+
     pub fn load(path: &Path) -> Result<Self, TokenizerError> {
         let inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
             path: path.display().to_string(),
@@ -89,7 +108,16 @@ impl TextTokenizer {
         Self::from_tokenizer(inner, &path.display().to_string())
     }
 
-    fn from_tokenizer(inner: Tokenizer, name: &str) -> Result<Self, TokenizerError> {
+    fn from_tokenizer(mut inner: Tokenizer, name: &str) -> Result<Self, TokenizerError> {
+        // xrun frames, truncates and pads itself; a loaded file may say otherwise
+        // (sentence-transformers' files pad every text to 128).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| TokenizerError::Load {
+                path: name.to_string(),
+                message: e.to_string(),
+            })?;
         let find = |token: &'static str, alts: &[&str]| {
             std::iter::once(token)
                 .chain(alts.iter().copied())
@@ -100,11 +128,13 @@ impl TextTokenizer {
                 })
         };
         let specials = Specials {
-            pad: find("[PAD]", &["<pad>"])?,
-            unk: find("[UNK]", &["<unk>"])?,
+            // GPT-2's one special token stands in for all of them: it frames texts and pads
+            // them; its models have no masked objective.
+            pad: find("[PAD]", &["<pad>", "<|endoftext|>"])?,
+            unk: find("[UNK]", &["<unk>", "<|endoftext|>"])?,
             cls: find("[CLS]", &["<s>", "<|endoftext|>"])?,
             sep: find("[SEP]", &["</s>", "<|endoftext|>"])?,
-            mask: find("[MASK]", &["<mask>"])?,
+            mask: find("[MASK]", &["<mask>", "<|endoftext|>"])?,
         };
         let vocab_size = inner.get_vocab_size(true);
         Ok(Self {
@@ -118,6 +148,11 @@ impl TextTokenizer {
         self.inner
             .save(path, true)
             .map_err(|e| TokenizerError::Save(e.to_string()))
+    }
+
+    /// The token string of an id.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Ids of a text without special tokens.
@@ -159,7 +194,7 @@ impl TextTokenizer {
             }
             per_word[word].push(id);
         }
-        let room = max_len.saturating_sub(2);
+        let room = max_len.saturating_sub(1 + usize::from(self.closes()));
         let mut ids = Vec::with_capacity(max_len);
         let mut positions = Vec::with_capacity(words.len());
         ids.push(self.specials.cls);
@@ -181,7 +216,9 @@ impl TextTokenizer {
             positions.push(ids.len() as u32);
             ids.extend_from_slice(tokens);
         }
-        ids.push(self.specials.sep);
+        if self.closes() {
+            ids.push(self.specials.sep);
+        }
         Ok((ids, positions, truncated))
     }
 
@@ -195,7 +232,9 @@ impl TextTokenizer {
     ) -> Result<(Vec<u32>, bool), TokenizerError> {
         let mut a = self.ids(text)?;
         let mut b = pair.map(|p| self.ids(p)).transpose()?;
-        let room = max_len.saturating_sub(if b.is_some() { 3 } else { 2 });
+        let close = self.closes();
+        let framing = 1 + usize::from(close) + usize::from(b.is_some());
+        let room = max_len.saturating_sub(framing);
         let truncated = a.len() + b.as_ref().map_or(0, Vec::len) > room;
         while a.len() + b.as_ref().map_or(0, Vec::len) > room {
             match &mut b {
@@ -206,12 +245,22 @@ impl TextTokenizer {
         let mut out = Vec::with_capacity(max_len);
         out.push(self.specials.cls);
         out.extend(a);
-        out.push(self.specials.sep);
         if let Some(b) = b {
+            out.push(self.specials.sep);
             out.extend(b);
+        }
+        if close {
             out.push(self.specials.sep);
         }
         Ok((out, truncated))
+    }
+
+    /// Whether texts end with `[SEP]`. A tokenizer with one special token for everything
+    /// (GPT-2's `<|endoftext|>`) opens texts with it but does not close them: a closing token
+    /// equal to the padding would hide the text's last token from GPT-2's classifier, which
+    /// reads the last token that is not padding.
+    pub fn closes(&self) -> bool {
+        self.specials.cls != self.specials.sep
     }
 }
 
