@@ -2,6 +2,7 @@
 //! corpus, tokenizer, model, pretraining objective, fine-tuning task and report; `exec::run` carries
 //! it out stage by stage on a burn backend and renders an HTML report.
 
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod config;

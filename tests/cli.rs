@@ -1750,3 +1750,93 @@ fn continual_learning_fills_the_accuracy_matrix_and_resumes_between_tasks() {
     );
     assert_eq!(events(&sequential, pid, "finetune.iflytek", "resume"), 1);
 }
+
+/// `xrun bench` trains a shape through the loop and reports figures that hold together: the
+/// parameter count of the model, effective tokens below padded ones, and length batching with
+/// less padding than random batches; an unknown shape is an input error.
+#[test]
+fn bench_reports_throughput_and_length_batching_cuts_padding() {
+    let run = |batching: &str| -> serde_json::Value {
+        let o = xrun(
+            &root(),
+            &[
+                "bench",
+                "--backend",
+                "cpu",
+                "--shape",
+                "bert-mini",
+                "--steps",
+                "4",
+                "--warmup",
+                "1",
+                "--batch",
+                "8",
+                "--seq",
+                "48",
+                "--min-len",
+                "8",
+                "--vocab",
+                "500",
+                "--batching",
+                batching,
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let random = run("random");
+    let length = run("length");
+    // bert-mini with a 500-token vocabulary and 48 positions: embeddings, 4 blocks, the MLM head.
+    let d = 256;
+    let block = 4 * (d * d + d) + (d * 1024 + 1024) + (1024 * d + d) + 4 * d;
+    let expected = (500 + 48) * d + 2 * d + 4 * block + (d * d + d) + 2 * d + (d * 500 + 500);
+    assert_eq!(random["parameters"], expected);
+    for f in [&random, &length] {
+        let (t, e) = (
+            f["tokens_per_s"].as_f64().unwrap(),
+            f["effective_tokens_per_s"].as_f64().unwrap(),
+        );
+        assert!(e > 0.0 && e <= t, "{f}");
+        assert!(f["time_to_first_step_s"].as_f64().unwrap() > 0.0);
+    }
+    let share = |f: &serde_json::Value| {
+        f["effective_tokens_per_s"].as_f64().unwrap() / f["tokens_per_s"].as_f64().unwrap()
+    };
+    assert!(share(&length) > share(&random), "{random}\n{length}");
+    let o = xrun(&root(), &["bench", "--shape", "bert-huge"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unknown shape `bert-huge`"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// `batching = "length"` is a stage input: it changes the fine-tuning key (not the tokenizer's),
+/// and the default leaves keys as they were.
+#[test]
+fn length_batching_is_part_of_the_finetune_key() {
+    let keys = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["plan", "experiments/smoke.toml", "-v"];
+        args.extend_from_slice(extra);
+        let o = xrun(&root(), &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("\"stage\""))
+            .map(str::to_string)
+            .collect()
+    };
+    let plain = keys(&[]);
+    let explicit = keys(&["--set", "finetune.batching=\"random\""]);
+    assert_eq!(plain, explicit);
+    let length = keys(&["--set", "finetune.batching=\"length\""]);
+    assert!(
+        length.iter().any(|l| l.contains("\"batching\":\"length\"")),
+        "{length:?}"
+    );
+    assert_eq!(
+        plain[0], length[0],
+        "the tokenizer key does not depend on batching"
+    );
+}

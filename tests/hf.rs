@@ -365,6 +365,16 @@ fn minilm_sentence_embeddings_match_pytorch() {
     assert!(diff <= 1e-4, "embeddings differ by {diff}");
 }
 
+/// The one trial folder under `trials`.
+fn only_trial(trials: impl AsRef<Path>) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(trials.as_ref())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.pop().unwrap()
+}
+
 fn xrun(args: &[&str]) -> Output {
     Command::new(XRUN)
         .current_dir(root())
@@ -434,12 +444,7 @@ fn fine_tuned_minilm_exports_and_predicts_the_same_in_transformers() {
     let o = xrun(&[file.to_str().unwrap(), "--quiet"]);
     assert!(o.status.success(), "{}", text(&o));
     let trial = tmp.path().join("reports/minilm_eprstmt/trials");
-    let trial = std::fs::read_dir(&trial)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let trial = only_trial(&trial);
     let summary = read_json(&trial.join("summary.json"));
     // Every parameter trains: the imported backbone kept its gradients.
     let counts = &summary["trainable_parameters"];
@@ -526,12 +531,7 @@ fn xrun_exports_are_checkpoints_xrun_starts_from() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let trial = out.join("smoke/trials");
-    let trial = std::fs::read_dir(&trial)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let trial = only_trial(&trial);
     // Its classifier has no BERT pooler: transformers has no class for it.
     let bert = tmp.path().join("bert");
     let o = xrun(&[
@@ -591,15 +591,7 @@ fn xrun_exports_are_checkpoints_xrun_starts_from() {
     assert!(o.status.success(), "{}", text(&o));
     let config = read_json(&exported.join("config.json"));
     assert_eq!(config["architectures"][0], "BertForSequenceClassification");
-    let summary = read_json(
-        &std::fs::read_dir(run.join("trials"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path()
-            .join("summary.json"),
-    );
+    let summary = read_json(&only_trial(run.join("trials")).join("summary.json"));
     let labels = summary["labels"].as_array().unwrap();
     assert_eq!(config["id2label"].as_object().unwrap().len(), labels.len());
     assert_eq!(config["id2label"]["0"], labels[0]);

@@ -88,6 +88,25 @@ impl OptimSection {
     }
 }
 
+/// How an epoch's examples are grouped into batches (each batch is padded to its longest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Batching {
+    /// Shuffled, then cut into batches.
+    #[default]
+    Random,
+    /// Shuffled, sorted by length within windows of 50 batches, cut, and the batches shuffled:
+    /// similar lengths share a batch, so less padding is computed.
+    Length,
+}
+
+impl Batching {
+    /// Absent from cache keys at its default, so earlier keys hold.
+    pub fn is_random(&self) -> bool {
+        *self == Batching::Random
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PretrainSection {
@@ -98,6 +117,8 @@ pub struct PretrainSection {
     pub epochs: Option<usize>,
     #[serde(default = "default_pretrain_batch")]
     pub batch_size: usize,
+    #[serde(default, skip_serializing_if = "Batching::is_random")]
+    pub batching: Batching,
     /// MLM: share of (non-special) tokens selected for prediction.
     #[serde(default = "default_mask_prob")]
     pub mask_prob: f64,
@@ -283,6 +304,8 @@ pub struct FinetuneSection {
     pub epochs: usize,
     #[serde(default = "default_finetune_batch")]
     pub batch_size: usize,
+    #[serde(default, skip_serializing_if = "Batching::is_random")]
+    pub batching: Batching,
     /// Stop after this many epochs without a better dev score (0: never stop early).
     #[serde(default = "default_patience")]
     pub patience: usize,
@@ -317,6 +340,7 @@ impl Default for PretrainSection {
             steps: None,
             epochs: None,
             batch_size: default_pretrain_batch(),
+            batching: Batching::Random,
             mask_prob: default_mask_prob(),
             validation_fraction: default_validation_fraction(),
             eval_every: default_eval_every(),
@@ -331,6 +355,7 @@ impl Default for FinetuneSection {
             method: Method::Full,
             epochs: default_epochs(),
             batch_size: default_finetune_batch(),
+            batching: Batching::Random,
             patience: default_patience(),
             select_metric: default_select(),
             pooling: default_pooling(),

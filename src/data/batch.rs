@@ -51,6 +51,32 @@ pub fn rng(seed: u64, purpose: u64, counter: u64) -> ChaCha8Rng {
 }
 
 /// Indices `0..n` shuffled for `epoch`, cut into batches.
+/// An epoch's batches of row indices into rows of `lengths`, grouped as `batching` says.
+/// `Random` is `epoch_batches` exactly.
+pub fn batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+    batching: crate::config::train::Batching,
+) -> Vec<Vec<usize>> {
+    use crate::config::train::Batching;
+    match batching {
+        Batching::Random => epoch_batches(lengths.len(), batch_size, seed, epoch),
+        Batching::Length => {
+            let size = batch_size.max(1);
+            let mut order: Vec<usize> = (0..lengths.len()).collect();
+            order.shuffle(&mut rng(seed, 1, epoch));
+            for window in order.chunks_mut(size * 50) {
+                window.sort_by_key(|&i| lengths[i]);
+            }
+            let mut out: Vec<Vec<usize>> = order.chunks(size).map(<[usize]>::to_vec).collect();
+            out.shuffle(&mut rng(seed, 2, epoch));
+            out
+        }
+    }
+}
+
 pub fn epoch_batches(n: usize, batch_size: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rng(seed, 1, epoch));
@@ -134,6 +160,33 @@ mod tests {
         sep: 3,
         mask: 4,
     };
+
+    /// Length batching keeps every row exactly once, shrinks the padding, and still mixes the
+    /// batches between epochs; random batching is the plain shuffle.
+    #[test]
+    fn length_batching_cuts_padding_and_keeps_every_row() {
+        use crate::config::train::Batching;
+        let lengths: Vec<usize> = (0..1000).map(|i| 8 + (i * 37) % 120).collect();
+        let padded = |bs: &Vec<Vec<usize>>| -> usize {
+            bs.iter()
+                .map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap())
+                .sum()
+        };
+        let random = batches(&lengths, 32, 5, 0, Batching::Random);
+        assert_eq!(random, epoch_batches(1000, 32, 5, 0));
+        let by_length = batches(&lengths, 32, 5, 0, Batching::Length);
+        let mut rows: Vec<usize> = by_length.concat();
+        rows.sort();
+        assert_eq!(rows, (0..1000).collect::<Vec<_>>());
+        let real: usize = lengths.iter().sum();
+        assert!(
+            padded(&by_length) * 10 < padded(&random) * 7,
+            "padding {} vs {} (real {real})",
+            padded(&by_length),
+            padded(&random)
+        );
+        assert_ne!(by_length, batches(&lengths, 32, 5, 1, Batching::Length));
+    }
 
     #[test]
     fn padding_marks_the_tail() {

@@ -18,7 +18,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::tasks::{dev_evaluation, ids_tensor};
-use crate::config::train::{PromptSection, SelectMetric};
+use crate::config::train::{Batching, PromptSection, SelectMetric};
 use crate::data::batch;
 use crate::data::read::Example;
 use crate::metrics::classification::score;
@@ -268,6 +268,7 @@ pub struct ClozeTask<'a, B: Backend> {
     pub causal: bool,
     pub max_len: usize,
     pub batch_size: usize,
+    pub batching: Batching,
     pub eval_batch_size: usize,
     pub select: SelectMetric,
     pub seed: u64,
@@ -279,7 +280,14 @@ impl<B: AutodiffBackend> Task<B> for ClozeTask<'_, B> {
     type Batch = Vec<usize>;
 
     fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        batch::epoch_batches(self.train.len(), self.batch_size, self.seed, epoch as u64)
+        let lengths: Vec<usize> = self.train.iter().map(|(text, _)| text.len()).collect();
+        batch::batches(
+            &lengths,
+            self.batch_size,
+            self.seed,
+            epoch as u64,
+            self.batching,
+        )
     }
 
     fn loss(&self, model: &LmModel<B>, rows: &Vec<usize>) -> Tensor<B, 1> {

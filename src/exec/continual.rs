@@ -29,8 +29,8 @@ use super::trial::{
     failed, fit_finetune, log, publish_finetune, recorder, with_method, Context, Stop,
 };
 use crate::config::continual::{ContinualSection, Strategy};
-use crate::config::train::SelectMetric;
-use crate::data::batch::{epoch_batches, rng};
+use crate::config::train::{Batching, SelectMetric};
+use crate::data::batch::{batches, rng};
 use crate::data::Datasets;
 use crate::metrics::Store;
 use crate::model::{Backbone, BackboneConfig, MultiTask, Pool};
@@ -80,6 +80,7 @@ pub struct ContinualTask<'a, B: AutodiffBackend> {
     pub pool: Pool,
     pub pad_id: u32,
     pub batch_size: usize,
+    pub batching: Batching,
     pub eval_batch_size: usize,
     pub select: SelectMetric,
     pub seed: u64,
@@ -92,12 +93,23 @@ impl<B: AutodiffBackend> Task<B> for ContinualTask<'_, B> {
     type Batch = (Vec<usize>, u64);
 
     fn batches(&self, epoch: usize) -> Vec<(Vec<usize>, u64)> {
-        let n = self.tasks[self.current].train.ids.len();
-        epoch_batches(n, self.batch_size, self.seed, epoch as u64)
-            .into_iter()
-            .enumerate()
-            .map(|(i, rows)| (rows, ((epoch as u64) << 32) | i as u64))
-            .collect()
+        let lengths: Vec<usize> = self.tasks[self.current]
+            .train
+            .ids
+            .iter()
+            .map(Vec::len)
+            .collect();
+        batches(
+            &lengths,
+            self.batch_size,
+            self.seed,
+            epoch as u64,
+            self.batching,
+        )
+        .into_iter()
+        .enumerate()
+        .map(|(i, rows)| (rows, ((epoch as u64) << 32) | i as u64))
+        .collect()
     }
 
     /// Mean cross-entropy over the batch and its replayed examples (each through its task's
@@ -434,6 +446,7 @@ pub(super) fn continual_stage<B: AutodiffBackend>(
             pool,
             pad_id,
             batch_size: f.batch_size,
+            batching: f.batching,
             eval_batch_size: exp.raw.eval.batch_size,
             select: f.select_metric,
             seed: seed.wrapping_add(t as u64),

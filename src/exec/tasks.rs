@@ -6,7 +6,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
 
-use crate::config::train::{Objective, SelectMetric};
+use crate::config::train::{Batching, Objective, SelectMetric};
 use crate::data::batch::{self, Padded, Targets};
 use crate::metrics::classification::{score, Scores};
 use crate::metrics::tagging::score_entities;
@@ -38,6 +38,7 @@ pub struct PretrainTask<'a, B: Backend> {
     pub vocab_size: usize,
     pub mask_prob: f64,
     pub batch_size: usize,
+    pub batching: Batching,
     pub eval_batch_size: usize,
     pub seed: u64,
     pub device: B::Device,
@@ -95,15 +96,22 @@ impl<B: AutodiffBackend> Task<B> for PretrainTask<'_, B> {
     type Batch = LmBatch;
 
     fn batches(&self, epoch: usize) -> Vec<LmBatch> {
-        batch::epoch_batches(self.train.len(), self.batch_size, self.seed, epoch as u64)
-            .into_iter()
-            .enumerate()
-            .filter(|(_, rows)| rows.iter().any(|&r| self.train[r].len() > 2))
-            .map(|(i, rows)| LmBatch {
-                rows,
-                counter: ((epoch as u64) << 32) | i as u64,
-            })
-            .collect()
+        let lengths: Vec<usize> = self.train.iter().map(Vec::len).collect();
+        batch::batches(
+            &lengths,
+            self.batch_size,
+            self.seed,
+            epoch as u64,
+            self.batching,
+        )
+        .into_iter()
+        .enumerate()
+        .filter(|(_, rows)| rows.iter().any(|&r| self.train[r].len() > 2))
+        .map(|(i, rows)| LmBatch {
+            rows,
+            counter: ((epoch as u64) << 32) | i as u64,
+        })
+        .collect()
     }
 
     fn loss(&self, model: &LmModel<B>, b: &LmBatch) -> Tensor<B, 1> {
@@ -184,6 +192,7 @@ pub struct FinetuneTask<'a, B: Backend> {
     pub pool: Pool,
     pub pad_id: u32,
     pub batch_size: usize,
+    pub batching: Batching,
     pub eval_batch_size: usize,
     pub select: SelectMetric,
     pub seed: u64,
@@ -273,11 +282,13 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
     type Batch = Vec<usize>;
 
     fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        batch::epoch_batches(
-            self.train.ids.len(),
+        let lengths: Vec<usize> = self.train.ids.iter().map(Vec::len).collect();
+        batch::batches(
+            &lengths,
             self.batch_size,
             self.seed,
             epoch as u64,
+            self.batching,
         )
     }
 
@@ -445,6 +456,7 @@ mod tests {
             pool: Pool::First,
             pad_id: 0,
             batch_size: 8,
+            batching: Batching::Random,
             eval_batch_size: 8,
             select: SelectMetric::Accuracy,
             seed: 1,

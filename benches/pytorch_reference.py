@@ -1,0 +1,203 @@
+"""The PyTorch side of `xrun bench`: the same shapes, data, objective and optimiser, one JSON line
+per shape with the same fields, so both are measured in one run on one machine.
+
+    python benches/pytorch_reference.py --shape bert-mini --device cpu --steps 20
+    python benches/pytorch_reference.py --shape bert-base --device cuda --precision bf16
+
+The model mirrors xrun's: learned positions, BERT post-norm (bert-*) or GPT-2 pre-norm with a causal
+mask (gpt-small), GELU feed-forward, no attention dropout, dropout 0.1 elsewhere; the LM head
+(dense, GELU, LayerNorm, projection) scores only the masked positions (MLM, 15% of tokens) or
+every real position (AR), as xrun's does. AdamW (lr 1e-4, weight decay 0.01, clip norm 1.0), the
+loss read back every step. Sequences are random ids with lengths uniform in [min_len, seq], each
+batch padded to its longest. Precision: f32 (eager), or bf16 autocast on CUDA.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SHAPES = {
+    "bert-mini": (4, 256, 4, 1024, False),
+    "bert-small": (4, 512, 8, 2048, False),
+    "bert-base": (12, 768, 12, 3072, False),
+    "gpt-small": (12, 768, 12, 3072, True),
+}
+PAD, CLS, SEP, MASK = 0, 2, 3, 4
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, ff, pre_norm):
+        super().__init__()
+        self.heads, self.pre_norm = heads, pre_norm
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(0.1)
+
+    def attend(self, x, mask):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+    def forward(self, x, mask):
+        if self.pre_norm:
+            x = x + self.drop(self.attend(self.norm1(x), mask))
+            return x + self.drop(self.down(F.gelu(self.up(self.norm2(x)))))
+        x = self.norm1(x + self.drop(self.attend(x, mask)))
+        return self.norm2(x + self.drop(self.down(F.gelu(self.up(x)))))
+
+
+class Model(nn.Module):
+    def __init__(self, vocab, seq, layers, d, heads, ff, causal):
+        super().__init__()
+        self.causal = causal
+        self.tokens, self.positions = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.embed_norm = None if causal else nn.LayerNorm(d)
+        self.final_norm = nn.LayerNorm(d) if causal else None
+        self.blocks = nn.ModuleList(Block(d, heads, ff, causal) for _ in range(layers))
+        self.drop = nn.Dropout(0.1)
+        self.dense, self.head_norm, self.decoder = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, ids, pad, positions):
+        b, s = ids.shape
+        x = self.tokens(ids) + self.positions(torch.arange(s, device=ids.device))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        # True = attend: every real key, and (causal) no later one.
+        mask = (~pad)[:, None, None, :]
+        if self.causal:
+            mask = mask & torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
+        for block in self.blocks:
+            x = block(x, mask)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        picked = x.reshape(b * s, -1)[positions]
+        return self.decoder(self.head_norm(F.gelu(self.dense(picked))))
+
+
+def sequences(n, args, rng):
+    out = []
+    for _ in range(n):
+        length = rng.randint(max(args.min_len, 3), args.seq)
+        out.append([CLS] + [rng.randrange(5, args.vocab) for _ in range(length - 2)] + [SEP])
+    return out
+
+
+def batch(seqs, causal, rng):
+    width = max(len(s) for s in seqs)
+    ids = [s + [PAD] * (width - len(s)) for s in seqs]
+    pad = [[False] * len(s) + [True] * (width - len(s)) for s in seqs]
+    positions, targets = [], []
+    for b, s in enumerate(seqs):
+        for i in range(len(s)):
+            if causal:
+                if i + 1 < len(s):
+                    positions.append(b * width + i)
+                    targets.append(s[i + 1])
+            elif 0 < i < len(s) - 1 and rng.random() < 0.15:
+                positions.append(b * width + i)
+                targets.append(s[i])
+                ids[b][i] = MASK
+    if not positions:
+        positions, targets = [1], [seqs[0][1]]
+    return ids, pad, positions, targets, sum(len(s) for s in seqs), len(seqs) * width
+
+
+def run(name, args):
+    import random
+
+    layers, d, heads, ff, causal = SHAPES[name]
+    rng = random.Random(args.seed)
+    device = torch.device(args.device)
+    total = args.warmup + args.steps
+    seqs = sequences(total * args.batch, args, rng)
+    prepared = []
+    for i in range(total):
+        ids, pad, positions, targets, real, padded = batch(seqs[i * args.batch:(i + 1) * args.batch], causal, rng)
+        prepared.append((
+            torch.tensor(ids, device=device), torch.tensor(pad, device=device),
+            torch.tensor(positions, device=device), torch.tensor(targets, device=device), real, padded,
+        ))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = Model(args.vocab, args.seq, layers, d, heads, ff, causal).to(device)
+    model.train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    bf16 = args.precision == "bf16"
+    ends = []
+    for ids, pad, positions, targets, _, _ in prepared:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids, pad, positions)
+            loss = F.cross_entropy(logits.float(), targets)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        value = loss.item()  # the host reads the loss every step, as xrun's loop does
+        if not math.isfinite(value):
+            raise SystemExit(f"{name}: loss became {value}")
+        ends.append(time.perf_counter() - started)
+    times = [b - a for a, b in zip(ends, ends[1:])][args.warmup - 1:]
+    window = prepared[args.warmup:]
+    seconds = sum(times)
+    peak = None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return {
+        "shape": name,
+        "objective": "ar" if causal else "mlm",
+        "backend": f"pytorch {torch.__version__} eager",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": args.precision,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "time_to_first_step_s": ends[0],
+        "step_ms": statistics.median(times) * 1000,
+        "tokens_per_s": sum(w[5] for w in window) / seconds,
+        "effective_tokens_per_s": sum(w[4] for w in window) / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mib": peak,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", action="append", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--min-len", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=21128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1")
+    if args.precision == "bf16" and args.device == "cpu":
+        p.error("bf16 autocast is measured on CUDA")
+    torch.set_num_threads(args.threads)
+    for name in args.shape or ["bert-mini"]:
+        print(json.dumps(run(name, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

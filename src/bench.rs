@@ -1,0 +1,300 @@
+//! `xrun bench`: trains named model shapes for a fixed number of steps through the one training
+//! loop (`train::fit`, MLM or AR pretraining as a run does it) and prints one JSON line per shape:
+//! time to first step (autotune included), step time, padded and effective (non-pad) tokens per
+//! second, peak memory. `benches/pytorch_reference.py` measures the same work in PyTorch.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use rand::Rng;
+use serde::Serialize;
+
+use crate::config::experiment::BackendChoice;
+use crate::config::train::{Batching, Objective, OptimSection};
+use crate::exec::tasks::PretrainTask;
+use crate::metrics::Store;
+use crate::model::{BackboneConfig, LmModel};
+use crate::tokenizer::Specials;
+use crate::train::backend::{self, DeviceInfo, Job};
+use crate::train::{fit, Budget, Progress};
+
+/// A named model shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub name: &'static str,
+    pub layers: usize,
+    pub d_model: usize,
+    pub heads: usize,
+    pub d_ff: usize,
+    /// GPT-style: pre-norm, causal, AR objective; else BERT-style post-norm MLM.
+    pub causal: bool,
+}
+
+pub const SHAPES: [Shape; 4] = [
+    Shape {
+        name: "bert-mini",
+        layers: 4,
+        d_model: 256,
+        heads: 4,
+        d_ff: 1024,
+        causal: false,
+    },
+    Shape {
+        name: "bert-small",
+        layers: 4,
+        d_model: 512,
+        heads: 8,
+        d_ff: 2048,
+        causal: false,
+    },
+    Shape {
+        name: "bert-base",
+        layers: 12,
+        d_model: 768,
+        heads: 12,
+        d_ff: 3072,
+        causal: false,
+    },
+    Shape {
+        name: "gpt-small",
+        layers: 12,
+        d_model: 768,
+        heads: 12,
+        d_ff: 3072,
+        causal: true,
+    },
+];
+
+pub struct BenchArgs {
+    pub shapes: Vec<String>,
+    pub backend: BackendChoice,
+    pub steps: usize,
+    pub warmup: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub min_len: usize,
+    pub vocab: usize,
+    pub seed: u64,
+    pub batching: Batching,
+    pub cache_dir: PathBuf,
+}
+
+/// One shape's figures (the JSON line).
+#[derive(Debug, Serialize)]
+pub struct Figures {
+    pub shape: String,
+    pub objective: &'static str,
+    pub backend: String,
+    pub device: String,
+    pub precision: &'static str,
+    pub batching: Batching,
+    pub parameters: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    /// From building the model to the end of the first step (kernel compilation and autotune
+    /// included on GPUs).
+    pub time_to_first_step_s: f64,
+    /// Median over the measured steps (after `warmup`).
+    pub step_ms: f64,
+    /// Tokens per second counting padding (every batch is padded to its longest sequence).
+    pub tokens_per_s: f64,
+    /// Non-pad tokens per second.
+    pub effective_tokens_per_s: f64,
+    /// The process's peak resident memory (VmHWM), MiB: the CPU backend's memory.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Random token sequences: `[CLS] … [SEP]`, lengths uniform in `min_len..=seq`.
+fn sequences(n: usize, a: &BenchArgs, specials: &Specials) -> Vec<Vec<u32>> {
+    let mut rng = crate::data::batch::rng(a.seed, 7, 0);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(a.min_len.max(3)..=a.seq);
+            let mut s = Vec::with_capacity(len);
+            s.push(specials.cls);
+            s.extend((0..len - 2).map(|_| rng.random_range(5..a.vocab as u32)));
+            s.push(specials.sep);
+            s
+        })
+        .collect()
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+struct BenchJob<'a> {
+    args: &'a BenchArgs,
+    shapes: Vec<Shape>,
+}
+
+impl Job for BenchJob<'_> {
+    type Output = Result<Vec<Figures>, String>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, info: DeviceInfo) -> Self::Output {
+        self.shapes
+            .iter()
+            .map(|s| bench_shape::<B>(s, self.args, &device, &info))
+            .collect()
+    }
+}
+
+fn bench_shape<B: AutodiffBackend>(
+    shape: &Shape,
+    a: &BenchArgs,
+    device: &B::Device,
+    info: &DeviceInfo,
+) -> Result<Figures, String> {
+    let specials = Specials {
+        pad: 0,
+        unk: 1,
+        cls: 2,
+        sep: 3,
+        mask: 4,
+    };
+    let total = a.warmup + a.steps;
+    let train = sequences(total * a.batch, a, &specials);
+    let objective = if shape.causal {
+        Objective::Ar
+    } else {
+        Objective::Mlm
+    };
+    let task = PretrainTask::<B> {
+        train: &train,
+        validation: &[],
+        objective,
+        specials,
+        vocab_size: a.vocab,
+        mask_prob: 0.15,
+        batch_size: a.batch,
+        batching: a.batching,
+        eval_batch_size: a.batch,
+        seed: a.seed,
+        device: device.clone(),
+    };
+    let cfg = BackboneConfig {
+        vocab_size: a.vocab,
+        d_model: shape.d_model,
+        layers: shape.layers,
+        heads: shape.heads,
+        d_ff: shape.d_ff,
+        max_len: a.seq,
+        dropout: 0.1,
+        pre_norm: shape.causal,
+        causal: shape.causal,
+        segments: None,
+        type_vocab: 2,
+        family: Default::default(),
+        norm_eps: 1e-5,
+        gelu_tanh: false,
+        pooler: false,
+    };
+    let started = Instant::now();
+    B::seed(device, a.seed);
+    let model = LmModel {
+        backbone: cfg.init::<B>(device),
+        head: cfg.lm_head(device),
+    };
+    let built_s = started.elapsed().as_secs_f64();
+    let parameters = burn::module::Module::num_params(&model);
+    let budget = Budget {
+        max_steps: total,
+        max_epochs: usize::MAX,
+        eval_every: None,
+        eval_each_epoch: false,
+        patience: 0,
+        keep_best: false,
+        seed: a.seed,
+    };
+    let mut store = Store::default();
+    let mut progress = Progress::new(shape.name, true);
+    let optim = OptimSection::default().resolve(1e-4);
+    fit(
+        &task,
+        model,
+        &optim,
+        &budget,
+        "bench",
+        &mut store,
+        &mut progress,
+        None,
+    )
+    .map_err(|e| format!("{}: {e}", shape.name))?;
+    // Each step's loss record carries the seconds since the loop started.
+    let ends: Vec<f64> = store
+        .records
+        .iter()
+        .filter(|r| r.split == "train" && r.metric == "loss")
+        .map(|r| r.wall_s)
+        .collect();
+    let mut times: Vec<f64> = ends.windows(2).map(|w| w[1] - w[0]).collect();
+    let measured = times.split_off(a.warmup.saturating_sub(1).min(times.len()));
+    let mut sorted = measured.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    // The batches the loop trained on, in its order (one epoch covers every step).
+    let lengths: Vec<usize> = train.iter().map(Vec::len).collect();
+    let batches = crate::data::batch::batches(&lengths, a.batch, a.seed, 0, a.batching);
+    let tokens = |rows: &Vec<usize>| {
+        let lens: Vec<usize> = rows.iter().map(|&r| train[r].len()).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        (rows.len() * longest, lens.iter().sum::<usize>())
+    };
+    let window = &batches[a.warmup.min(batches.len())..total.min(batches.len())];
+    let (padded, effective) = window
+        .iter()
+        .map(tokens)
+        .fold((0, 0), |(p, e), (bp, be)| (p + bp, e + be));
+    let seconds: f64 = measured.iter().sum();
+    Ok(Figures {
+        shape: shape.name.into(),
+        objective: objective.name(),
+        backend: info.backend.clone(),
+        device: info.device.clone(),
+        precision: "f32",
+        batching: a.batching,
+        parameters,
+        batch: a.batch,
+        seq: a.seq,
+        steps: a.steps,
+        time_to_first_step_s: built_s + ends.first().copied().unwrap_or(f64::NAN),
+        step_ms: median * 1000.0,
+        tokens_per_s: padded as f64 / seconds,
+        effective_tokens_per_s: effective as f64 / seconds,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// Runs the benchmark; one JSON line per shape on stdout.
+pub fn run(a: &BenchArgs) -> Result<Vec<Figures>, String> {
+    let shapes: Vec<Shape> = a
+        .shapes
+        .iter()
+        .map(|n| {
+            SHAPES.iter().copied().find(|s| s.name == n).ok_or_else(|| {
+                format!(
+                    "unknown shape `{n}`; the shapes are {}",
+                    SHAPES.map(|s| s.name).join(", ")
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if a.steps == 0
+        || a.warmup == 0
+        || a.batch == 0
+        || a.seq < 8
+        || a.min_len > a.seq
+        || a.vocab < 16
+    {
+        return Err(
+            "need --steps ≥ 1, --warmup ≥ 1, --batch ≥ 1, --seq ≥ 8, --min-len ≤ --seq, --vocab ≥ 16"
+                .into(),
+        );
+    }
+    backend::dispatch(a.backend, &a.cache_dir, BenchJob { args: a, shapes })
+        .map_err(|e| e.to_string())?
+}
