@@ -66,17 +66,36 @@ pub const SHAPES: [Shape; 4] = [
     },
 ];
 
+#[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    /// Shapes to train: bert-mini, bert-small, bert-base, gpt-small (repeatable).
+    #[arg(long = "shape", default_value = "bert-mini")]
     pub shapes: Vec<String>,
+    #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendChoice,
+    /// Measured steps, after the warm-up steps.
+    #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Steps before measuring (the first compiles and autotunes kernels on GPUs).
+    #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Longest sequence; lengths are uniform in [--min-len, --seq], padded per batch.
+    #[arg(long, default_value_t = 128)]
     pub seq: usize,
+    #[arg(long, default_value_t = 16)]
     pub min_len: usize,
+    /// Vocabulary size (21128: Chinese BERT's).
+    #[arg(long, default_value_t = 21128)]
     pub vocab: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// `length` groups similar lengths into batches (less padding); `random` as runs default to.
+    #[arg(long, value_enum, default_value = "random")]
     pub batching: Batching,
+    /// Where GPU autotune results persist (as `<cache_dir>/autotune` for runs).
+    #[arg(long, default_value = "reports/.cache")]
     pub cache_dir: PathBuf,
 }
 

@@ -73,37 +73,7 @@ pub enum Command {
     },
     /// Train named model shapes for a fixed number of steps and print one JSON line per shape:
     /// time to first step, step time, tokens/s with and without padding, peak memory.
-    Bench {
-        /// Shapes to train: bert-mini, bert-small, bert-base, gpt-small (repeatable).
-        #[arg(long = "shape", default_value = "bert-mini")]
-        shapes: Vec<String>,
-        #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"], default_value = "auto")]
-        backend: String,
-        /// Measured steps, after the warm-up steps.
-        #[arg(long, default_value_t = 20)]
-        steps: usize,
-        /// Steps before measuring (the first compiles and autotunes kernels on GPUs).
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        /// Longest sequence; lengths are uniform in [--min-len, --seq], padded per batch.
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
-        #[arg(long, default_value_t = 16)]
-        min_len: usize,
-        /// Vocabulary size (21128: Chinese BERT's).
-        #[arg(long, default_value_t = 21128)]
-        vocab: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// `length` groups similar lengths into batches (less padding); `random` as runs default to.
-        #[arg(long, value_parser = ["random", "length"], default_value = "random")]
-        batching: String,
-        /// Where GPU autotune results persist (as `<cache_dir>/autotune` for runs).
-        #[arg(long, default_value = "reports/.cache")]
-        cache_dir: PathBuf,
-    },
+    Bench(crate::bench::BenchArgs),
     /// Remove cache entries that no run directory's plan references.
     Gc {
         /// The output folder whose run directories are kept (their plan.json files).
@@ -258,55 +228,18 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Bench {
-            shapes,
-            backend,
-            steps,
-            warmup,
-            batch,
-            seq,
-            min_len,
-            vocab,
-            seed,
-            batching,
-            cache_dir,
-        } => {
-            let backend = match backend.as_str() {
-                "cpu" => config::experiment::BackendChoice::Cpu,
-                "wgpu" => config::experiment::BackendChoice::Wgpu,
-                "cuda" => config::experiment::BackendChoice::Cuda,
-                _ => config::experiment::BackendChoice::Auto,
-            };
-            let args = crate::bench::BenchArgs {
-                shapes,
-                backend,
-                steps,
-                warmup,
-                batch,
-                seq,
-                min_len,
-                vocab,
-                seed,
-                batching: if batching == "length" {
-                    config::train::Batching::Length
-                } else {
-                    config::train::Batching::Random
-                },
-                cache_dir,
-            };
-            match crate::bench::run(&args) {
-                Ok(figures) => {
-                    for f in figures {
-                        println!("{}", serde_json::to_string(&f).unwrap_or_default());
-                    }
-                    ExitCode::SUCCESS
+        Command::Bench(args) => match crate::bench::run(&args) {
+            Ok(figures) => {
+                for f in figures {
+                    println!("{}", serde_json::to_string(&f).unwrap_or_default());
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(EXIT_INVALID_INPUT)
-                }
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_INVALID_INPUT)
+            }
+        },
         Command::Gc {
             output_dir,
             cache,

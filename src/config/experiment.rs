@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Which burn backend trains the stages. `auto` picks CUDA, then wgpu, then the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     Auto,

@@ -89,7 +89,7 @@ impl OptimSection {
 }
 
 /// How an epoch's examples are grouped into batches (each batch is padded to its longest).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Batching {
     /// Shuffled, then cut into batches.

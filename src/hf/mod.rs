@@ -374,13 +374,11 @@ pub fn each_param<B: Backend>(
                 Layout::Fused(i) => Layout::Fused(i),
                 _ => Layout::Plain,
             };
-            let bias = if name.ends_with(".decoder") && family != Family::Roberta {
-                // BERT keeps the decoder's bias as `cls.predictions.bias`.
-                name.trim_end_matches(".decoder").to_string() + ".bias"
-            } else if name == "lm_head.decoder" {
-                "lm_head.bias".into()
-            } else {
-                format!("{name}.bias")
+            // The MLM decoders keep their bias beside them, as the head's own.
+            let bias = match name {
+                "cls.predictions.decoder" => "cls.predictions.bias".to_string(),
+                "lm_head.decoder" => "lm_head.bias".to_string(),
+                _ => format!("{name}.bias"),
             };
             f(&bias, bias_layout, Slot::One(b));
         }
@@ -647,7 +645,6 @@ pub fn import<B: Backend>(
         }
         set_slot(slot, from_hf(t, layout, &want), device);
     });
-    let notes: Vec<String> = Vec::new();
     let mut unexpected = Vec::new();
     let mut ignored = Vec::new();
     for name in tensors.keys().filter(|k| !used.contains(*k)) {
@@ -682,7 +679,7 @@ pub fn import<B: Backend>(
             problems.join("; ")
         ));
     }
-    let mut notes = notes;
+    let mut notes = Vec::new();
     if !ignored.is_empty() {
         notes.push(format!("not imported: {}", list(&ignored)));
     }
