@@ -1840,3 +1840,49 @@ fn length_batching_is_part_of_the_finetune_key() {
         "the tokenizer key does not depend on batching"
     );
 }
+
+#[test]
+fn packed_pretraining_trains_on_full_rows_under_its_own_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ar = ["--set", "pretrain.objective=\"ar\""];
+    let packed = [&ar[..], &["--set", "pretrain.packing=true"]].concat();
+    let plain_run = smoke(&tmp.path().join("plain"), &ar);
+    let packed_run = smoke(&tmp.path().join("packed"), &packed);
+    // The smoke corpus (400 reviews, most shorter than model.max_len = 32) packs into fewer,
+    // full rows: the same 30 steps see more tokens, so the curves differ from the start.
+    let (a, b) = (
+        records(&plain_run, "pretrain", "train", "loss"),
+        records(&packed_run, "pretrain", "train", "loss"),
+    );
+    assert_eq!(a.len(), 30);
+    assert_eq!(b.len(), 30);
+    assert_ne!(a, b);
+    assert!(b.iter().all(|v| v.is_finite()));
+    assert!(b[29] < b[0], "packed AR pretraining learns: {b:?}");
+    // Validation stays unpacked, so both runs score the same held-out rows.
+    let (va, vb) = (
+        records(&plain_run, "pretrain", "validation", "loss"),
+        records(&packed_run, "pretrain", "validation", "loss"),
+    );
+    assert_eq!(va.len(), vb.len());
+    // A pretraining key of its own: the packed run is not mistaken for the plain one's cache.
+    let plan = xrun(
+        &root(),
+        &[
+            &["plan", "experiments/smoke.toml", "--set"][..],
+            &[format!(
+                "experiment.output_dir={}",
+                tmp.path().join("plain").display()
+            )
+            .as_str()],
+            &packed[..],
+        ]
+        .concat(),
+    );
+    let listing = String::from_utf8_lossy(&plan.stdout);
+    let row = listing
+        .lines()
+        .find(|l| l.starts_with("base"))
+        .unwrap_or("");
+    assert_eq!(row.matches("run ").count(), 2, "{listing}");
+}

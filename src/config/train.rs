@@ -119,6 +119,11 @@ pub struct PretrainSection {
     pub batch_size: usize,
     #[serde(default, skip_serializing_if = "Batching::is_random")]
     pub batching: Batching,
+    /// Concatenate the training sequences and cut them into rows of `model.max_len` tokens, so
+    /// batches carry no padding (validation stays unpacked, so its loss compares with unpacked
+    /// runs). Absent from cache keys when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub packing: bool,
     /// MLM: share of (non-special) tokens selected for prediction.
     #[serde(default = "default_mask_prob")]
     pub mask_prob: f64,
@@ -341,6 +346,7 @@ impl Default for PretrainSection {
             epochs: None,
             batch_size: default_pretrain_batch(),
             batching: Batching::Random,
+            packing: false,
             mask_prob: default_mask_prob(),
             validation_fraction: default_validation_fraction(),
             eval_every: default_eval_every(),

@@ -134,6 +134,29 @@ fn random_token(specials: &Specials, vocab_size: usize, rng: &mut impl Rng) -> u
     }
 }
 
+/// Sequence packing: `seqs` in a seeded order, concatenated and cut into rows of exactly `len`
+/// tokens (the last may be shorter), so a batch carries no padding. Each sequence keeps its
+/// `[CLS] … [SEP]` framing and attention crosses the boundaries, as in GPT-2's pretraining and
+/// RoBERTa's full-sentences setting.
+pub fn pack(seqs: &[Vec<u32>], len: usize, seed: u64) -> Vec<Vec<u32>> {
+    const PACKING: u64 = 9;
+    let len = len.max(1);
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.shuffle(&mut rng(seed, PACKING, 0));
+    let mut rows = Vec::new();
+    let mut row = Vec::with_capacity(len);
+    for token in order.iter().flat_map(|&i| seqs[i].iter().copied()) {
+        row.push(token);
+        if row.len() == len {
+            rows.push(std::mem::replace(&mut row, Vec::with_capacity(len)));
+        }
+    }
+    if !row.is_empty() {
+        rows.push(row);
+    }
+    rows
+}
+
 /// Next-token targets: position `t` predicts the token at `t + 1`, padding never predicted.
 pub fn ar_targets(batch: &Padded) -> Targets {
     let mut out = Targets::default();
@@ -152,6 +175,39 @@ pub fn ar_targets(batch: &Padded) -> Targets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packing_keeps_every_token_once_in_full_rows() {
+        let seqs: Vec<Vec<u32>> = (0..50u32)
+            .map(|i| {
+                let mut s = vec![2];
+                s.extend((0..(i % 7) + 1).map(|k| 100 + i * 10 + k));
+                s.push(3);
+                s
+            })
+            .collect();
+        let rows = pack(&seqs, 16, 1);
+        let total: usize = seqs.iter().map(Vec::len).sum();
+        let (last, full) = rows.split_last().unwrap();
+        assert!(full.iter().all(|r| r.len() == 16));
+        assert!(!last.is_empty() && last.len() <= 16);
+        assert_eq!(rows.iter().map(Vec::len).sum::<usize>(), total);
+        // Every sequence appears whole and in order: the stream is the sequences, reordered.
+        let stream: Vec<u32> = rows.concat();
+        let mut starts = 0;
+        let mut seen = 0;
+        while starts < stream.len() {
+            let s = seqs
+                .iter()
+                .find(|s| stream[starts..].starts_with(s))
+                .unwrap();
+            starts += s.len();
+            seen += 1;
+        }
+        assert_eq!(seen, seqs.len());
+        assert_ne!(stream, seqs.concat(), "the order is shuffled");
+        assert_eq!(pack(&seqs, 16, 1), rows, "and seeded");
+    }
 
     const SPECIALS: Specials = Specials {
         pad: 0,

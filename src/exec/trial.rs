@@ -529,7 +529,10 @@ fn pretrain_stage<B: AutodiffBackend>(
     summary
         .stages
         .push(StageUse::new("pretrain", &key.hash, false));
-    let (train, validation) = stats::hold_out(&encoded.corpus, p.validation_fraction, seed);
+    let (mut train, validation) = stats::hold_out(&encoded.corpus, p.validation_fraction, seed);
+    if p.packing {
+        train = crate::data::batch::pack(&train, exp.raw.model.max_len, seed);
+    }
     let task = PretrainTask::<B> {
         train: &train,
         validation: &validation,
