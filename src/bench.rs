@@ -10,9 +10,9 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::Rng;
 use serde::Serialize;
 
-use crate::config::experiment::BackendChoice;
+use crate::config::experiment::{BackendChoice, Precision};
 use crate::config::train::{Batching, Objective, OptimSection};
-use crate::exec::tasks::PretrainTask;
+use crate::exec::tasks::{PretrainTask, MASKING};
 use crate::metrics::Store;
 use crate::model::{BackboneConfig, LmModel};
 use crate::tokenizer::Specials;
@@ -73,6 +73,9 @@ pub struct BenchArgs {
     pub shapes: Vec<String>,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendChoice,
+    /// The float type of every tensor (as `experiment.precision`).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
     /// Measured steps, after the warm-up steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
@@ -106,7 +109,7 @@ pub struct Figures {
     pub objective: &'static str,
     pub backend: String,
     pub device: String,
-    pub precision: &'static str,
+    pub precision: String,
     pub batching: Batching,
     pub parameters: usize,
     pub batch: usize,
@@ -115,8 +118,10 @@ pub struct Figures {
     /// From building the model to the end of the first step (kernel compilation and autotune
     /// included on GPUs).
     pub time_to_first_step_s: f64,
-    /// Median over the measured steps (after `warmup`).
+    /// Mean over the measured steps (after `warmup`).
     pub step_ms: f64,
+    /// Padding and masking one batch on the host, which the loop does before each step.
+    pub host_prep_ms: f64,
     /// Tokens per second counting padding (every batch is padded to its longest sequence).
     pub tokens_per_s: f64,
     /// Non-pad tokens per second.
@@ -212,49 +217,48 @@ fn bench_shape<B: AutodiffBackend>(
         gelu_tanh: false,
         pooler: false,
     };
-    let started = Instant::now();
-    B::seed(device, a.seed);
-    let model = LmModel {
-        backbone: cfg.init::<B>(device),
-        head: cfg.lm_head(device),
+    // Seconds to build a fresh model and train it `steps` steps. The loop reads the losses back
+    // when it ends, so the time covers the device's work, not only its queueing.
+    let train_for = |steps: usize| -> Result<(f64, usize), String> {
+        let started = Instant::now();
+        B::seed(device, a.seed);
+        let model = LmModel {
+            backbone: cfg.init::<B>(device),
+            head: cfg.lm_head(device),
+        };
+        let parameters = burn::module::Module::num_params(&model);
+        let budget = Budget {
+            max_steps: steps,
+            max_epochs: usize::MAX,
+            eval_every: None,
+            eval_each_epoch: false,
+            patience: 0,
+            keep_best: false,
+            seed: a.seed,
+        };
+        let mut store = Store::default();
+        let mut progress = Progress::new(shape.name, true);
+        let optim = OptimSection::default().resolve(1e-4);
+        fit(
+            &task,
+            model,
+            &optim,
+            &budget,
+            "bench",
+            &mut store,
+            &mut progress,
+            None,
+        )
+        .map_err(|e| format!("{}: {e}", shape.name))?;
+        Ok((started.elapsed().as_secs_f64(), parameters))
     };
-    let built_s = started.elapsed().as_secs_f64();
-    let parameters = burn::module::Module::num_params(&model);
-    let budget = Budget {
-        max_steps: total,
-        max_epochs: usize::MAX,
-        eval_every: None,
-        eval_each_epoch: false,
-        patience: 0,
-        keep_best: false,
-        seed: a.seed,
-    };
-    let mut store = Store::default();
-    let mut progress = Progress::new(shape.name, true);
-    let optim = OptimSection::default().resolve(1e-4);
-    fit(
-        &task,
-        model,
-        &optim,
-        &budget,
-        "bench",
-        &mut store,
-        &mut progress,
-        None,
-    )
-    .map_err(|e| format!("{}: {e}", shape.name))?;
-    // Each step's loss record carries the seconds since the loop started.
-    let ends: Vec<f64> = store
-        .records
-        .iter()
-        .filter(|r| r.split == "train" && r.metric == "loss")
-        .map(|r| r.wall_s)
-        .collect();
-    let mut times: Vec<f64> = ends.windows(2).map(|w| w[1] - w[0]).collect();
-    let measured = times.split_off(a.warmup.saturating_sub(1).min(times.len()));
-    let mut sorted = measured.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    // The first run compiles (and on GPUs autotunes) every kernel of a step; the later ones find
+    // them ready. The measured steps are the difference of two runs over the same batches, as the
+    // loop does not wait for the device at every step.
+    let (time_to_first_step_s, parameters) = train_for(1)?;
+    let (warm_s, _) = train_for(a.warmup)?;
+    let (all_s, _) = train_for(total)?;
+    let seconds = (all_s - warm_s).max(f64::MIN_POSITIVE);
     // The batches the loop trained on, in its order (one epoch covers every step).
     let lengths: Vec<usize> = train.iter().map(Vec::len).collect();
     let batches = crate::data::batch::batches(&lengths, a.batch, a.seed, 0, a.batching);
@@ -268,20 +272,27 @@ fn bench_shape<B: AutodiffBackend>(
         .iter()
         .map(tokens)
         .fold((0, 0), |(p, e), (bp, be)| (p + bp, e + be));
-    let seconds: f64 = measured.iter().sum();
+    // The host's share of each step (padding, masking), timed apart from the loop over the same
+    // batches: what moving it off the training thread could save at most.
+    let prepared = Instant::now();
+    for (i, rows) in window.iter().enumerate() {
+        std::hint::black_box(task.prepare(&train, rows, MASKING, i as u64));
+    }
+    let host_prep_ms = prepared.elapsed().as_secs_f64() * 1000.0 / window.len().max(1) as f64;
     Ok(Figures {
         shape: shape.name.into(),
         objective: objective.name(),
         backend: info.backend.clone(),
         device: info.device.clone(),
-        precision: "f32",
+        precision: info.precision.clone(),
         batching: a.batching,
         parameters,
         batch: a.batch,
         seq: a.seq,
         steps: a.steps,
-        time_to_first_step_s: built_s + ends.first().copied().unwrap_or(f64::NAN),
-        step_ms: median * 1000.0,
+        time_to_first_step_s,
+        step_ms: seconds * 1000.0 / a.steps as f64,
+        host_prep_ms,
         tokens_per_s: padded as f64 / seconds,
         effective_tokens_per_s: effective as f64 / seconds,
         peak_rss_mib: peak_rss_mib(),
@@ -314,6 +325,11 @@ pub fn run(a: &BenchArgs) -> Result<Vec<Figures>, String> {
                 .into(),
         );
     }
-    backend::dispatch(a.backend, &a.cache_dir, BenchJob { args: a, shapes })
-        .map_err(|e| e.to_string())?
+    backend::dispatch(
+        a.backend,
+        a.precision,
+        &a.cache_dir,
+        BenchJob { args: a, shapes },
+    )
+    .map_err(|e| e.to_string())?
 }

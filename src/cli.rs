@@ -51,6 +51,9 @@ pub enum Command {
         /// With an experiment file: the backend, as for `xrun run`.
         #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
         backend: Option<String>,
+        /// With an experiment file: the precision, as for `xrun run`.
+        #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+        precision: Option<String>,
     },
     /// Write a trial's model as a Hugging Face directory (config.json, model.safetensors, the
     /// tokenizer and a model card) that transformers loads.
@@ -98,14 +101,20 @@ pub struct FileArgs {
     /// Train on this backend: `--set experiment.backend=…` in short.
     #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
     pub backend: Option<String>,
+    /// Train in this float type: `--set experiment.precision=…` in short.
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    pub precision: Option<String>,
 }
 
 impl FileArgs {
-    /// The `--set` overrides, with `--backend` as one of them (last, so it wins).
+    /// The `--set` overrides, with `--backend` and `--precision` among them (last, so they win).
     pub fn overrides(&self) -> Vec<String> {
         let mut sets = self.sets.clone();
         if let Some(b) = &self.backend {
             sets.push(format!("experiment.backend=\"{b}\""));
+        }
+        if let Some(p) = &self.precision {
+            sets.push(format!("experiment.precision=\"{p}\""));
         }
         sets
     }
@@ -261,10 +270,12 @@ pub fn main() -> ExitCode {
             path,
             sets,
             backend,
+            precision,
         } if path.is_file() => merged_report(&FileArgs {
             file: path,
             sets,
             backend,
+            precision,
         }),
         Command::Report { path, .. } => match crate::report::rerender(&path) {
             Ok(path) => {

@@ -12,6 +12,33 @@ pub enum BackendChoice {
     Cuda,
 }
 
+/// The float type every tensor of a run is stored and computed in. Burn has no autocast and no
+/// f32 master weights: `bf16` and `f16` hold parameters, activations, gradients and AdamW's moments
+/// in that type ("pure" half precision). Losses and metrics are read back as f64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    /// Absent from cache keys at its default, so earlier keys hold.
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExperimentSection {
@@ -23,6 +50,10 @@ pub struct ExperimentSection {
     pub seed: u64,
     #[serde(default = "default_backend")]
     pub backend: BackendChoice,
+    /// `f32` (default), `bf16` (CUDA, CPU) or `f16` (CUDA, wgpu where the adapter has shader f16,
+    /// CPU); see `Precision`.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// Relative to the working directory xrun is started from.
     #[serde(default = "default_output_dir")]
     pub output_dir: String,

@@ -107,6 +107,47 @@ fn experiment(c: &mut Checker, raw: &RawDoc) {
     c.require(valid_name(name), "experiment.name", || {
         format!("`experiment.name` = {name:?} must be non-empty and use only letters, digits, `-`, `_` and `.`")
     });
+    use super::experiment::{BackendChoice, Precision};
+    let e = &raw.experiment;
+    c.require(
+        !(e.backend == BackendChoice::Wgpu && e.precision == Precision::Bf16),
+        "experiment.precision",
+        || {
+            "`experiment.precision` = \"bf16\" is not available on wgpu (WGSL has no bf16); use \"f16\" there, or backend \"cuda\"".into()
+        },
+    );
+    if e.precision == Precision::F16 {
+        // f16's smallest normal number; AdamW's default 1e-8 rounds to 0 there.
+        const F16_MIN: f64 = 6.1e-5;
+        let stages = [
+            (
+                "pretrain",
+                &raw.pretrain.optim,
+                raw.pretrain.objective != Objective::None,
+            ),
+            ("finetune", &raw.finetune.optim, true),
+        ];
+        for (stage, optim, used) in stages {
+            let eps = optim.eps.unwrap_or(1e-8);
+            if !used || eps >= F16_MIN {
+                continue;
+            }
+            let key = format!("{stage}.optim.eps");
+            let at = if c.places.is_set(&key) {
+                key.clone()
+            } else {
+                "experiment.precision".into()
+            };
+            c.fail(
+                &at,
+                format!(
+                    "`{key}` = {eps:e} is 0 in f16: AdamW would divide 0 by 0 for every parameter \
+                     without a gradient (NaN at the second step); with `experiment.precision` = \
+                     \"f16\" set `{key}` to at least 1e-4 (bf16 keeps 1e-8)"
+                ),
+            );
+        }
+    }
 }
 
 fn model(c: &mut Checker, raw: &RawDoc) {

@@ -177,6 +177,7 @@ pub fn keys(trials: &[Trial]) -> Result<Vec<StageKeys>, RunError> {
 pub fn run(exp: &Experiment, trials: &[Trial], opts: &Options) -> Result<Outcome, RunError> {
     backend::dispatch(
         exp.raw.experiment.backend,
+        exp.raw.experiment.precision,
         &exp.cache_dir(),
         RunJob { exp, trials, opts },
     )?

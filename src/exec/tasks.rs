@@ -14,7 +14,7 @@ use crate::model::{Classifier, LmModel, Pool};
 use crate::tokenizer::Specials;
 use crate::train::{Evaluation, Task};
 
-const MASKING: u64 = 2;
+pub(crate) const MASKING: u64 = 2;
 const VALIDATION_MASKING: u64 = 3;
 
 pub fn ids_tensor<B: Backend>(
@@ -51,7 +51,8 @@ pub struct LmBatch {
 }
 
 impl<B: Backend> PretrainTask<'_, B> {
-    fn prepare(
+    /// Pads `rows` of `seqs` and draws their targets: the host's share of a step.
+    pub(crate) fn prepare(
         &self,
         seqs: &[Vec<u32>],
         rows: &[usize],

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::data::{Format, OnError, SourceSpec};
-use crate::config::experiment::BackendChoice;
+use crate::config::experiment::{BackendChoice, Precision};
 use crate::config::model::{ModelSection, TokenizerSection};
 use crate::config::train::{EvalSection, Method, Objective, Optim, PretrainSection};
 use crate::config::Experiment;
@@ -147,6 +147,9 @@ struct PretrainInputs<'a> {
     #[serde(skip_serializing_if = "is_first")]
     rev: u32,
     backend: BackendChoice,
+    /// Absent at f32, so earlier keys hold.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    precision: Precision,
     seed: u64,
     tokenizer: &'a str,
     model: &'a ModelSection,
@@ -166,6 +169,9 @@ struct FinetuneInputs<'a> {
     #[serde(skip_serializing_if = "is_first")]
     rev: u32,
     backend: BackendChoice,
+    /// Absent at f32, so earlier keys hold.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    precision: Precision,
     seed: u64,
     tokenizer: &'a str,
     pretrain: Option<&'a str>,
@@ -308,6 +314,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
                 xrun: VERSION,
                 rev: PRETRAIN_REV,
                 backend,
+                precision: raw.experiment.precision,
                 seed,
                 tokenizer: &tokenizer.hash,
                 model: &raw.model,
@@ -353,6 +360,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         xrun: VERSION,
         rev: FINETUNE_REV,
         backend,
+        precision: raw.experiment.precision,
         seed,
         tokenizer: &tokenizer.hash,
         pretrain: pretrain.as_ref().map(|k| k.hash.as_str()),

@@ -23,13 +23,14 @@ pub struct Trial {
 pub const REPLICATE_KEYS: [&str; 2] = ["data.split", "experiment.seed"];
 
 /// Keys a sweep may not vary: they name where outputs go, not what is measured.
-const FIXED_KEYS: [&str; 6] = [
+const FIXED_KEYS: [&str; 7] = [
     "experiment.name",
     "experiment.output_dir",
     "experiment.cache_dir",
     "experiment.checkpoint_every",
     "data.root",
     "experiment.backend",
+    "experiment.precision",
 ];
 
 /// One axis of the product: each alternative assigns one or more keys at once.
@@ -365,10 +366,16 @@ fn check_blocks(blocks: &[Block], diags: &mut Vec<Diagnostic>) {
                 || path.starts_with("report.")
                 || path.starts_with("cluster.")
             {
+                let why = if path.starts_with("experiment.backend")
+                    || path.starts_with("experiment.precision")
+                {
+                    "one run trains on one backend in one precision; run the file once per \
+                     value (--set with another experiment.name)"
+                } else {
+                    "it says where outputs go, not what is measured"
+                };
                 diags.push(Diagnostic::new(
-                    format!(
-                        "`{path}` cannot be swept: it says where outputs go, not what is measured"
-                    ),
+                    format!("`{path}` cannot be swept: {why}"),
                     b.origin.clone(),
                 ));
             } else if seen.contains(&path.as_str()) {

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::config::experiment::BackendChoice;
+use crate::config::experiment::{BackendChoice, Precision};
 
 pub type Cpu = burn::backend::Flex;
 pub type CpuTrain = burn::backend::Autodiff<Cpu>;
@@ -20,6 +20,10 @@ pub struct DeviceInfo {
     pub backend: String,
     pub device: String,
     pub threads: usize,
+    /// The float type of every tensor (`f32`, `bf16`, `f16`); empty in runs from before it was
+    /// recorded, which were f32.
+    #[serde(default)]
+    pub precision: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,12 @@ pub enum BackendError {
         backend: &'static str,
         reason: String,
         hint: &'static str,
+    },
+    #[error("`experiment.precision` = \"{precision}\" is not available on {backend}: {reason}")]
+    Precision {
+        precision: &'static str,
+        backend: String,
+        reason: String,
     },
 }
 
@@ -51,10 +61,11 @@ pub trait Job {
     ) -> Self::Output;
 }
 
-/// Runs `job` on the backend `choice` names, after probing that it works here. `cache_dir` keeps
-/// the GPU backends' autotune results, so a sweep and later runs tune once.
+/// Runs `job` on the backend `choice` names, in `precision`, after probing that it works here.
+/// `cache_dir` keeps the GPU backends' autotune results, so a sweep and later runs tune once.
 pub fn dispatch<J: Job>(
     choice: BackendChoice,
+    precision: Precision,
     cache_dir: &Path,
     job: J,
 ) -> Result<J::Output, BackendError> {
@@ -63,27 +74,64 @@ pub fn dispatch<J: Job>(
         backend: "cpu (burn Flex)".into(),
         device: format!("{} ({threads} threads)", std::env::consts::ARCH),
         threads,
+        precision: String::new(),
     };
     match choice {
-        BackendChoice::Cpu => Ok(job.run::<CpuTrain>(Default::default(), cpu())),
-        BackendChoice::Cuda => {
-            let info = probe_cuda(cache_dir)?;
-            Ok(job.run::<CudaTrain>(Default::default(), info))
-        }
-        BackendChoice::Wgpu => {
-            let info = probe_wgpu(cache_dir)?;
-            Ok(job.run::<WgpuTrain>(Default::default(), info))
-        }
+        BackendChoice::Cpu => start::<CpuTrain, J>(job, cpu(), precision),
+        BackendChoice::Cuda => start::<CudaTrain, J>(job, probe_cuda(cache_dir)?, precision),
+        BackendChoice::Wgpu => start::<WgpuTrain, J>(job, probe_wgpu(cache_dir)?, precision),
         BackendChoice::Auto => {
             if let Ok(info) = probe_cuda(cache_dir) {
-                return Ok(job.run::<CudaTrain>(Default::default(), info));
+                return start::<CudaTrain, J>(job, info, precision);
             }
             if let Ok(info) = probe_wgpu(cache_dir) {
-                return Ok(job.run::<WgpuTrain>(Default::default(), info));
+                return start::<WgpuTrain, J>(job, info, precision);
             }
-            Ok(job.run::<CpuTrain>(Default::default(), cpu()))
+            start::<CpuTrain, J>(job, cpu(), precision)
         }
     }
+}
+
+/// Makes `precision` the float type of every tensor created on `B`'s default device from now on,
+/// then runs `job` there. Burn keeps one such setting per device and process, fixed by the first
+/// tensor created: the probes create theirs with an explicit f32, so they fix nothing.
+fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
+    job: J,
+    mut info: DeviceInfo,
+    precision: Precision,
+) -> Result<J::Output, BackendError> {
+    use burn::tensor::{get_device_settings, set_default_dtypes, FloatDType, IntDType};
+    let device = B::Device::default();
+    let wanted = match precision {
+        Precision::F32 => FloatDType::F32,
+        Precision::Bf16 => FloatDType::BF16,
+        Precision::F16 => FloatDType::F16,
+    };
+    let failed = |reason: String| BackendError::Precision {
+        precision: precision.name(),
+        backend: info.backend.clone(),
+        reason,
+    };
+    if !precision.is_f32() {
+        // A panic from the runtime is an error here, not mid-run. Set twice in one process (tests)
+        // is fine when it is the same type, which the check below makes sure of.
+        let set = catch(std::panic::AssertUnwindSafe(|| {
+            set_default_dtypes::<B>(&device, wanted, IntDType::I32)
+        }))
+        .map_err(&failed)?;
+        match set {
+            Ok(()) | Err(burn::tensor::backend::DeviceError::AlreadyInitialized { .. }) => {}
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+    let actual = get_device_settings::<B>(&device).float_dtype;
+    if actual != wanted {
+        return Err(failed(format!(
+            "this process already creates {actual:?} tensors on that device"
+        )));
+    }
+    info.precision = precision.name().into();
+    Ok(job.run::<B>(device, info))
 }
 
 /// The backend `choice` trains on here (`auto` resolved by probing, once per process). Cache keys
@@ -187,14 +235,16 @@ fn start_cuda(cache_dir: &Path) -> Result<DeviceInfo, String> {
     configure_cubecl(cache_dir);
     catch(|| {
         use burn::tensor::Tensor;
+        // An explicit dtype: the device's default float type stays unset for `start`.
         let device = Default::default();
-        let t = Tensor::<burn::backend::Cuda, 1>::ones([4], &device);
+        let t = Tensor::<burn::backend::Cuda, 1>::ones([4], (&device, burn::tensor::DType::F32));
         t.sum().into_scalar()
     })?;
     Ok(DeviceInfo {
         backend: "cuda (burn Cuda, fusion + autotune)".into(),
         device: "CUDA device 0".into(),
         threads: 0,
+        precision: String::new(),
     })
 }
 
@@ -213,5 +263,6 @@ fn start_wgpu(cache_dir: &Path) -> Result<DeviceInfo, String> {
         backend: "wgpu (burn Wgpu, fusion + autotune)".into(),
         device: adapter,
         threads: 0,
+        precision: String::new(),
     })
 }

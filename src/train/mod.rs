@@ -13,7 +13,7 @@ use burn::module::AutodiffModule;
 use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 
 use crate::config::train::Optim;
 use crate::metrics::{Record, Store};
@@ -155,6 +155,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
         }
     }
     let mut stopped_early = false;
+    let mut unread = Unread::default();
     progress.start(budget.max_steps);
     for epoch in start.0..budget.max_epochs {
         if step >= budget.max_steps {
@@ -172,29 +173,25 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
                 budget.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
             let loss = task.loss(&model, batch);
-            let value: f64 = loss.clone().into_scalar().elem();
-            if !value.is_finite() {
-                return Err(TrainError::Diverged {
-                    step: step + 1,
-                    value,
-                });
-            }
+            unread.push(step + 1, epoch, lr, rec.elapsed(), loss.clone().inner());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optimizer.step(lr, model, grads);
             step += 1;
-            rec.push(step, epoch, "train", "loss", value);
-            rec.push(step, epoch, "train", "lr", lr);
-            progress.step(step, epoch + 1, value);
             let due = budget.eval_every.is_some_and(|n| step % n == 0) || step == budget.max_steps;
+            let last = step >= budget.max_steps || i + 1 == batches.len();
+            let checkpoint = checkpoints
+                .as_ref()
+                .is_some_and(|c| step % c.every == 0 && !last);
+            // The first step is read at once: its time (kernel compilation and autotuning on a
+            // GPU) shows in the progress.
+            if last || due || checkpoint || step == 1 || unread.due() {
+                unread.read(&mut rec, progress)?;
+            }
             if due && !budget.eval_each_epoch {
                 let snapshot = model.valid();
                 select.observe(task.evaluate(&snapshot), snapshot, step, epoch, &mut rec);
             }
-            let last = step >= budget.max_steps || i + 1 == batches.len();
-            if let Some(ck) = checkpoints
-                .as_mut()
-                .filter(|c| step % c.every == 0 && !last)
-            {
+            if let Some(ck) = checkpoints.as_mut().filter(|_| checkpoint) {
                 let state = select.state(step, epoch, i + 1, &rec, first_record);
                 ck.save::<B, _, _>(&state, &model, &optimizer, select.snapshot())
                     .map_err(TrainError::Checkpoint)?;
@@ -231,6 +228,77 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     })
 }
 
+/// Read the losses back after this many steps, or sooner when this long has passed since the last
+/// read. Reading a loss waits for the device to finish the step; a GPU meanwhile runs ahead.
+const READ_EVERY_STEPS: usize = 16;
+const READ_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One step's loss, still on the device.
+struct UnreadLoss<B: burn::tensor::backend::Backend> {
+    step: usize,
+    epoch: usize,
+    lr: f64,
+    wall_s: f64,
+    loss: Tensor<B, 1>,
+}
+
+/// The losses of the steps since the last read. Each step's records and its divergence check are
+/// exactly those of a loop that reads every step; only the time of the check moves (a diverged
+/// step is still reported as itself, and nothing after it is kept or checkpointed).
+struct Unread<B: burn::tensor::backend::Backend> {
+    losses: Vec<UnreadLoss<B>>,
+    since: Instant,
+}
+
+impl<B: burn::tensor::backend::Backend> Default for Unread<B> {
+    fn default() -> Self {
+        Self {
+            losses: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+}
+
+impl<B: burn::tensor::backend::Backend> Unread<B> {
+    fn push(&mut self, step: usize, epoch: usize, lr: f64, wall_s: f64, loss: Tensor<B, 1>) {
+        self.losses.push(UnreadLoss {
+            step,
+            epoch,
+            lr,
+            wall_s,
+            loss,
+        });
+    }
+
+    fn due(&self) -> bool {
+        self.losses.len() >= READ_EVERY_STEPS || self.since.elapsed() >= READ_EVERY
+    }
+
+    /// Reads every pending loss in one transfer, records them, and fails at the first that is
+    /// not finite.
+    fn read(&mut self, rec: &mut Recorder, progress: &Progress) -> Result<(), TrainError> {
+        self.since = Instant::now();
+        if self.losses.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.losses);
+        let all = Tensor::cat(pending.iter().map(|p| p.loss.clone()).collect(), 0);
+        let values: Vec<f64> = all.into_data().iter::<f64>().collect();
+        for (p, value) in pending.iter().zip(values) {
+            if !value.is_finite() {
+                return Err(TrainError::Diverged {
+                    step: p.step,
+                    value,
+                });
+            }
+            rec.push_at(p.step, p.epoch, "train", "loss", value, p.wall_s);
+            rec.push_at(p.step, p.epoch, "train", "lr", p.lr, p.wall_s);
+            progress.step(p.step, p.epoch + 1, value);
+        }
+        Ok(())
+    }
+}
+
 /// Writes one stage's records into the store, stamped with the time since the stage started.
 struct Recorder<'a> {
     stage: &'a str,
@@ -241,7 +309,24 @@ struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
+    fn elapsed(&self) -> f64 {
+        self.offset_s + self.started.elapsed().as_secs_f64()
+    }
+
     fn push(&mut self, step: usize, epoch: usize, split: &str, metric: &str, value: f64) {
+        let wall_s = self.elapsed();
+        self.push_at(step, epoch, split, metric, value, wall_s);
+    }
+
+    fn push_at(
+        &mut self,
+        step: usize,
+        epoch: usize,
+        split: &str,
+        metric: &str,
+        value: f64,
+        wall_s: f64,
+    ) {
         self.store.records.push(Record {
             stage: self.stage.into(),
             step: step as u64,
@@ -249,7 +334,7 @@ impl Recorder<'_> {
             split: split.into(),
             metric: metric.into(),
             value,
-            wall_s: self.offset_s + self.started.elapsed().as_secs_f64(),
+            wall_s,
         });
     }
 }
@@ -298,5 +383,123 @@ impl<M: Clone> Selection<M> {
         } else {
             self.stale += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::train::OptimSection;
+    use crate::train::backend::CpuTrain;
+    use burn::nn::{Linear, LinearConfig};
+
+    /// A task whose loss at step `s` is `values[s - 1]` (plus zero times the model's output, so
+    /// there is a gradient); `f64::NAN` makes that step diverge.
+    struct Scripted {
+        values: Vec<f64>,
+        calls: std::cell::Cell<usize>,
+    }
+
+    impl Task<CpuTrain> for Scripted {
+        type Model = Linear<CpuTrain>;
+        type Batch = usize;
+
+        fn batches(&self, _epoch: usize) -> Vec<usize> {
+            (0..self.values.len()).collect()
+        }
+
+        fn loss(&self, model: &Linear<CpuTrain>, _batch: &usize) -> Tensor<CpuTrain, 1> {
+            let step = self.calls.get();
+            self.calls.set(step + 1);
+            let device = self.device();
+            let out = model.forward(Tensor::<CpuTrain, 2>::ones([1, 2], &device));
+            let value = Tensor::<CpuTrain, 1>::from_floats([self.values[step] as f32], &device);
+            out.sum().mul_scalar(0.0) + value
+        }
+
+        fn evaluate(
+            &self,
+            _model: &Linear<<CpuTrain as AutodiffBackend>::InnerBackend>,
+        ) -> Evaluation {
+            Evaluation::default()
+        }
+
+        fn device(&self) -> burn::tensor::Device<CpuTrain> {
+            Default::default()
+        }
+    }
+
+    fn run(values: Vec<f64>) -> (Result<usize, TrainError>, Store) {
+        let task = Scripted {
+            values,
+            calls: Default::default(),
+        };
+        let budget = Budget {
+            max_steps: task.values.len(),
+            max_epochs: 1,
+            eval_every: None,
+            eval_each_epoch: false,
+            patience: 0,
+            keep_best: false,
+            seed: 1,
+        };
+        let model = LinearConfig::new(2, 1).init(&task.device());
+        let mut store = Store::default();
+        let mut progress = Progress::new("test", true);
+        let optim = OptimSection::default().resolve(1e-3);
+        let fitted = fit(
+            &task,
+            model,
+            &optim,
+            &budget,
+            "t",
+            &mut store,
+            &mut progress,
+            None,
+        );
+        (fitted.map(|f| f.steps), store)
+    }
+
+    fn losses(store: &Store) -> Vec<(u64, f64)> {
+        store
+            .records
+            .iter()
+            .filter(|r| r.metric == "loss")
+            .map(|r| (r.step, r.value))
+            .collect()
+    }
+
+    #[test]
+    fn losses_read_in_groups_are_recorded_for_every_step_in_order() {
+        // 40 steps: more than two groups of READ_EVERY_STEPS, and a partial one at the end.
+        let values: Vec<f64> = (1..=40).map(|s| f64::from(s) * 0.25).collect();
+        let (steps, store) = run(values.clone());
+        assert_eq!(steps.unwrap(), 40);
+        let expected: Vec<(u64, f64)> = (1..=40u64).zip(values).collect();
+        assert_eq!(losses(&store), expected);
+        let lrs = store.records.iter().filter(|r| r.metric == "lr").count();
+        assert_eq!(lrs, 40);
+        let walls: Vec<f64> = store.records.iter().map(|r| r.wall_s).collect();
+        assert!(walls.windows(2).all(|w| w[0] <= w[1]), "{walls:?}");
+    }
+
+    #[test]
+    fn a_diverged_step_inside_a_group_is_reported_as_itself() {
+        let mut values: Vec<f64> = vec![1.0; 30];
+        values[20] = f64::NAN;
+        let (fitted, store) = run(values);
+        match fitted {
+            Err(TrainError::Diverged { step, value }) => {
+                assert_eq!(step, 21);
+                assert!(value.is_nan());
+            }
+            other => panic!("expected divergence at step 21, got {other:?}"),
+        }
+        let recorded: Vec<u64> = losses(&store).iter().map(|r| r.0).collect();
+        assert_eq!(
+            recorded,
+            (1..=20).collect::<Vec<u64>>(),
+            "steps before it stay recorded"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Progress of a training stage: an indicatif bar on a terminal, a log line every tenth of the budget
-//! otherwise (batch jobs, CI), nothing with `--quiet`.
+//! Progress of a training stage: an indicatif bar on a terminal, a log line after the first step
+//! and every tenth of the budget otherwise (batch jobs, CI), nothing with `--quiet`.
 
 use std::io::IsTerminal;
 
@@ -43,9 +43,16 @@ impl Progress {
         }
     }
 
+    /// Until the first step ends the bar says what takes the time, and its clock keeps moving: on
+    /// a GPU the first step compiles and autotunes every kernel (minutes with a cold autotune
+    /// cache), on the CPU it is an ordinary step.
     pub fn start(&mut self, total: usize) {
         self.total = total;
         self.bar.set_length(total as u64);
+        self.bar
+            .set_message("first step: compiling kernels (on a GPU also autotuning them, once)");
+        self.bar
+            .enable_steady_tick(std::time::Duration::from_millis(500));
     }
 
     pub fn step(&self, step: usize, epoch: usize, loss: f64) {
@@ -54,7 +61,8 @@ impl Progress {
             .set_message(format!("epoch {epoch} loss {loss:.4}"));
         if let Some(stage) = &self.plain {
             let every = (self.total / 10).max(1);
-            if step.is_multiple_of(every) || step == self.total {
+            // The first step too: its time is the compilation and autotuning on a GPU.
+            if step == 1 || step.is_multiple_of(every) || step == self.total {
                 eprintln!(
                     "{stage}: step {step}/{} (epoch {epoch}), loss {loss:.4}, {:.0} s",
                     self.total,
