@@ -52,8 +52,8 @@ pub enum Command {
         #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
         backend: Option<String>,
         /// With an experiment file: the precision, as for `xrun run`.
-        #[arg(long, value_parser = ["f32", "bf16", "f16"])]
-        precision: Option<String>,
+        #[arg(long, value_enum)]
+        precision: Option<config::experiment::Precision>,
     },
     /// Write a trial's model as a Hugging Face directory (config.json, model.safetensors, the
     /// tokenizer and a model card) that transformers loads.
@@ -102,8 +102,8 @@ pub struct FileArgs {
     #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
     pub backend: Option<String>,
     /// Train in this float type: `--set experiment.precision=…` in short.
-    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
-    pub precision: Option<String>,
+    #[arg(long, value_enum)]
+    pub precision: Option<config::experiment::Precision>,
 }
 
 impl FileArgs {
@@ -113,8 +113,8 @@ impl FileArgs {
         if let Some(b) = &self.backend {
             sets.push(format!("experiment.backend=\"{b}\""));
         }
-        if let Some(p) = &self.precision {
-            sets.push(format!("experiment.precision=\"{p}\""));
+        if let Some(p) = self.precision {
+            sets.push(format!("experiment.precision=\"{}\"", p.name()));
         }
         sets
     }

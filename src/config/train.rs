@@ -62,6 +62,9 @@ pub const OPTIM_KEYS: [&str; 7] = [
     "clip_norm",
 ];
 
+/// AdamW's epsilon when `[….optim]` gives none.
+pub const DEFAULT_EPS: f64 = 1e-8;
+
 /// `OptimSection` with every default filled in; the stage decides the default learning rate.
 #[derive(Debug, Clone, Serialize)]
 pub struct Optim {
@@ -79,7 +82,7 @@ impl OptimSection {
         Optim {
             lr: self.lr.unwrap_or(default_lr),
             betas: self.betas.unwrap_or([0.9, 0.999]),
-            eps: self.eps.unwrap_or(1e-8),
+            eps: self.eps.unwrap_or(DEFAULT_EPS),
             weight_decay: self.weight_decay.unwrap_or(0.01),
             warmup_fraction: self.warmup_fraction.unwrap_or(0.06),
             schedule: self.schedule.unwrap_or(Schedule::Linear),

@@ -128,7 +128,7 @@ fn experiment(c: &mut Checker, raw: &RawDoc) {
             ("finetune", &raw.finetune.optim, true),
         ];
         for (stage, optim, used) in stages {
-            let eps = optim.eps.unwrap_or(1e-8);
+            let eps = optim.eps.unwrap_or(super::train::DEFAULT_EPS);
             if !used || eps >= F16_MIN {
                 continue;
             }
