@@ -54,11 +54,11 @@ impl<B: Backend> Lora<B> {
         }
     }
 
-    /// The update to add to the projection's output for input `x` `[batch, seq, d_in]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// The update to add to the projection's output for input rows `x` `[rows, d_in]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = self.dropout.forward(x);
-        x.matmul(self.a.val().unsqueeze())
-            .matmul(self.b.val().unsqueeze())
+        x.matmul(self.a.val())
+            .matmul(self.b.val())
             .mul_scalar(self.scale)
     }
 
@@ -79,10 +79,25 @@ pub fn project<B: Backend>(
     lora: &Option<Lora<B>>,
     x: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    match lora {
+    by_rows(x, |x| match lora {
         Some(l) => linear.forward(x.clone()) + l.forward(x),
         None => linear.forward(x),
-    }
+    })
+}
+
+/// `f` applied to `x` `[batch, seq, d]` as one `[batch·seq, d]` matrix, reshaped back.
+///
+/// A `Linear` on the 3-d tensor is a batched product against a broadcast weight: on the CPU one
+/// small gemm per sequence, and its weight gradient materialises `[batch, d_in, d_out]` before
+/// summing it. On the rows it is one product each way, which gemm splits across threads.
+pub fn by_rows<B: Backend>(
+    x: Tensor<B, 3>,
+    f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, 3> {
+    let [batch, seq, d] = x.dims();
+    let y = f(x.reshape([batch * seq, d]));
+    let d_out = y.dims()[1];
+    y.reshape([batch, seq, d_out])
 }
 
 #[derive(Module, Debug)]
@@ -102,7 +117,7 @@ impl<B: Backend> Adapter<B> {
     }
 
     pub fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        h.clone() + self.up.forward(gelu(self.down.forward(h)))
+        h.clone() + by_rows(h, |h| self.up.forward(gelu(self.down.forward(h))))
     }
 }
 
