@@ -344,12 +344,15 @@ pub fn predict<B: Backend>(
     batch_size: usize,
     device: &B::Device,
 ) -> Vec<usize> {
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(batch_size.max(1)) {
-        let refs: Vec<&(Vec<u32>, Vec<u32>)> = chunk.iter().collect();
+    let lengths: Vec<usize> = texts.iter().map(|(a, b)| a.len() + b.len()).collect();
+    let mut out = vec![0; texts.len()];
+    for chunk in batch::eval_batches(&lengths, batch_size) {
+        let refs: Vec<&(Vec<u32>, Vec<u32>)> = chunk.iter().map(|&i| &texts[i]).collect();
         let scores = label_scores(model, prompt, tok, &refs, causal, max_len, device);
         let best = scores.argmax(1).into_data().convert::<i64>();
-        out.extend(best.iter::<i64>().map(|c| c as usize));
+        for (&i, c) in chunk.iter().zip(best.iter::<i64>()) {
+            out[i] = c as usize;
+        }
     }
     out
 }

@@ -162,6 +162,13 @@ pub struct Labelled {
     pub tagged: Option<Tagged>,
 }
 
+impl Labelled {
+    /// Every example's length in tokens.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.ids.iter().map(Vec::len).collect()
+    }
+}
+
 /// The tags of a split's sentences.
 pub struct Tagged {
     /// Per sentence, the token position of each word that fit in `max_len`.
@@ -211,20 +218,19 @@ pub fn predict_tags<B: Backend>(
     batch_size: usize,
     device: &B::Device,
 ) -> Vec<Vec<usize>> {
-    let mut out = Vec::with_capacity(split.ids.len());
-    let rows: Vec<usize> = (0..split.ids.len()).collect();
-    for chunk in rows.chunks(batch_size) {
+    let mut out = vec![Vec::new(); split.ids.len()];
+    for chunk in batch::eval_batches(&split.lengths(), batch_size) {
         let refs: Vec<&[u32]> = chunk.iter().map(|&i| split.ids[i].as_slice()).collect();
         let padded = batch::pad(&refs, pad_id);
-        let (positions, _) = tagged.gather(chunk, padded.seq);
+        let (positions, _) = tagged.gather(&chunk, padded.seq);
         let (ids, pad) = ids_tensor::<B>(&padded, device);
         let logits = model.forward_tokens(ids, pad, int_tensor::<B>(&positions, device));
         let predicted = logits.argmax(1).into_data().convert::<i64>();
         let mut flat = predicted.iter::<i64>().map(|c| c as usize);
-        for &i in chunk {
+        for &i in &chunk {
             let mut tags: Vec<usize> = flat.by_ref().take(tagged.positions[i].len()).collect();
             tags.resize(tagged.tags[i].len(), outside);
-            out.push(tags);
+            out[i] = tags;
         }
     }
     out
@@ -239,13 +245,15 @@ pub fn predict<B: Backend>(
     batch_size: usize,
     device: &B::Device,
 ) -> Vec<usize> {
-    let mut out = Vec::with_capacity(split.ids.len());
-    for chunk in split.ids.chunks(batch_size) {
-        let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+    let mut out = vec![0; split.ids.len()];
+    for chunk in batch::eval_batches(&split.lengths(), batch_size) {
+        let refs: Vec<&[u32]> = chunk.iter().map(|&i| split.ids[i].as_slice()).collect();
         let (ids, pad) = ids_tensor::<B>(&batch::pad(&refs, pad_id), device);
         let predicted = model.forward(ids, pad, pool).argmax(1).into_data();
         let predicted = predicted.convert::<i64>();
-        out.extend(predicted.iter::<i64>().map(|c| c as usize));
+        for (&i, c) in chunk.iter().zip(predicted.iter::<i64>()) {
+            out[i] = c as usize;
+        }
     }
     out
 }
@@ -283,9 +291,8 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
     type Batch = Vec<usize>;
 
     fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        let lengths: Vec<usize> = self.train.ids.iter().map(Vec::len).collect();
         batch::batches(
-            &lengths,
+            &self.train.lengths(),
             self.batch_size,
             self.seed,
             epoch as u64,
