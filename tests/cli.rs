@@ -176,6 +176,8 @@ fn overrides_are_typed_and_checked() {
             "model.layerz=2",
             "--set",
             "model.heads=three",
+            "--set",
+            "model..dropout=0.2",
         ],
     );
     assert_eq!(o.status.code(), Some(2));
@@ -183,7 +185,8 @@ fn overrides_are_typed_and_checked() {
     assert!(err.contains("unknown key `layerz` in [model]"), "{err}");
     assert!(err.contains("did you mean `layers`?"), "{err}");
     assert!(err.contains("--set model.heads=three"), "{err}");
-    assert!(err.contains("2 errors"), "{err}");
+    assert!(err.contains("`model..dropout` is not a TOML key"), "{err}");
+    assert!(err.contains("3 errors"), "{err}");
     let ok = xrun(
         &root(),
         &[
@@ -654,6 +657,11 @@ fn plan_lists_trials_and_stages_without_training() {
     // One more learning rate: the old trials keep their ids and stay cached, only new ones run.
     insta::assert_snapshot!(
         "plan_after_adding_a_value",
+        plan(&["--set", "sweep.grid.finetune.optim.lr=[2e-4, 5e-4]"])
+    );
+    // The grid key quoted, as the file writes it, is the same sweep.
+    assert_eq!(
+        plan(&["--set", "sweep.grid.\"finetune.optim.lr\"=[2e-4, 5e-4]"]),
         plan(&["--set", "sweep.grid.finetune.optim.lr=[2e-4, 5e-4]"])
     );
 }

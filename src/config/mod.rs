@@ -460,7 +460,14 @@ fn apply_sets(raw: RawDoc, sets: &[String], diags: &mut Vec<Diagnostic>) -> RawD
             diags.push(Diagnostic::new("expected KEY=VALUE", origin));
             continue;
         };
-        let path: Vec<&str> = key.trim().split('.').collect();
+        let path = match set_key(key) {
+            Ok(path) => path,
+            Err(msg) => {
+                diags.push(Diagnostic::new(msg, origin));
+                continue;
+            }
+        };
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
         let value = parse_value(value.trim());
         let Ok(mut tree) = toml::Value::try_from(&raw) else {
             continue;
@@ -478,6 +485,20 @@ fn apply_sets(raw: RawDoc, sets: &[String], diags: &mut Vec<Diagnostic>) -> RawD
         }
     }
     raw
+}
+
+/// The parts of a `--set` key, read as a TOML dotted key, so a quoted part keeps its dots:
+/// `sweep.grid."pretrain.objective"` is the grid entry `pretrain.objective`.
+fn set_key(key: &str) -> Result<Vec<String>, String> {
+    let key = key.trim();
+    toml_edit::Key::parse(key)
+        .map(|parts| parts.iter().map(|k| k.get().to_string()).collect())
+        .map_err(|_| {
+            format!(
+                "`{key}` is not a TOML key: bare words (letters, digits, `_`, `-`) or quoted \
+                 strings joined by dots, e.g. `finetune.optim.lr` or `sweep.grid.\"finetune.optim.lr\"`"
+            )
+        })
 }
 
 /// `1e-3` → float, `[1, 2]` → array, `ar` → the string "ar".
@@ -522,7 +543,8 @@ impl Places<'_> {
         }
         let set = self.sets.iter().rev().find(|s| {
             s.split_once('=').is_some_and(|(k, _)| {
-                k.trim() == path || path.starts_with(&format!("{}.", k.trim()))
+                let k = set_key(k).map_or_else(|_| k.trim().to_string(), |p| p.join("."));
+                k == path || path.starts_with(&format!("{k}."))
             })
         });
         if let Some(s) = set {
