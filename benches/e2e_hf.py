@@ -18,7 +18,9 @@ is given (none, mlm):
 
 The pretraining runs once per objective and serves the five splits, as a careful script would.
 Gradients are clipped by their global norm (xrun clips each tensor's, as burn does). Two ablations
-move the classifier towards xrun's: `--no-pooler` and `--layer-norm-eps 1e-5`.
+move the classifier towards xrun's: `--no-pooler` and `--layer-norm-eps 1e-5`. A third,
+`--zero-token-type`, starts BERT's token-type embedding at zero: with one segment, its single
+random row is added to every token, which xrun's own models (no segments) do not have.
 Batches are shuffled and padded to their longest (dynamic padding, as `DataCollatorWithPadding`).
 The loss is read back every step, as the Trainer's logging does. Prints one JSON line per trial and
 one summary line (`"summary": true`) with the wall time of every phase.
@@ -109,6 +111,8 @@ def main():
     # Ablations towards xrun's own classifier, for the accuracy difference in BENCHMARKS.md.
     ap.add_argument("--layer-norm-eps", type=float, default=1e-12, help="BERT's 1e-12; xrun's own models use 1e-5")
     ap.add_argument("--no-pooler", action="store_true", help="classify the first token directly, as xrun does")
+    ap.add_argument("--zero-token-type", action="store_true",
+                    help="start the token-type embedding (one row, added to every token) at zero")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,6 +154,13 @@ def main():
         pad_token_id=special_ids["[PAD]"],
     )
 
+    def fresh(cls, cfg):
+        model = cls(cfg)
+        if args.zero_token_type:
+            with torch.no_grad():
+                model.bert.embeddings.token_type_embeddings.weight.zero_()
+        return model
+
     def adamw(model, lr, total, warmup):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         return opt, get_linear_schedule_with_warmup(opt, round(warmup * total), total)
@@ -164,7 +175,7 @@ def main():
         held = max(1, round(0.02 * len(encoded)))
         validation = [encoded[i] for i in order[:held]]
         train = [encoded[i] for i in order[held:]]
-        model = BertForMaskedLM(config).to(device)
+        model = fresh(BertForMaskedLM, config).to(device)
         opt, sched = adamw(model, 5e-4, args.steps, 0.06)
         gen = torch.Generator().manual_seed(args.seed)
         vgen_seed = args.seed + 1
@@ -224,7 +235,7 @@ def main():
         (xtr, ytr), (xdev, ydev), (xte, yte) = data(train), data(dev), data(test)
         cfg = copy.deepcopy(config)
         cfg.num_labels = len(labels)
-        model = BertForSequenceClassification(cfg)
+        model = fresh(BertForSequenceClassification, cfg)
         if args.no_pooler:
             model.bert.pooler = None  # transformers then returns no pooled output: read [CLS] below
             model.forward = first_token_forward(model)
