@@ -17,8 +17,9 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 common=(--steps "$STEPS" --warmup 5 --batch 32 --seq 128 --min-len 16 --vocab 21128)
 for shape in $SHAPES; do
-  # f32 twice: the first run tunes (cold autotune cache), the second shows a warm cache's time to
-  # first step. Then bf16 (its kernels tune separately).
+  # f32 twice: the first run tunes and compiles (cold caches), the second shows the time to first
+  # step with warm caches (autotune results and compiled PTX, both under --cache-dir: goal 3).
+  # Then bf16 (its kernels tune separately).
   for pass in cold:f32 warm:f32 cold:bf16; do
     timeout 300 "$XRUN" bench --backend cuda --precision "${pass#*:}" --shape "$shape" "${common[@]}" \
       --cache-dir "$OUT/cache" >> "$OUT/bench.jsonl" 2>> "$OUT/xrun-$shape-${pass/:/-}.log" \

@@ -1,7 +1,7 @@
 //! `xrun bench`: trains named model shapes for a fixed number of steps through the one training
 //! loop (`train::fit`, MLM or AR pretraining as a run does it) and prints one JSON line per shape:
 //! time to first step (autotune included), step time, padded and effective (non-pad) tokens per
-//! second, peak memory. `benches/pytorch_reference.py` measures the same work in PyTorch.
+//! second, peak memory (resident, and on GPUs the device memory burn's pools reserved). `benches/pytorch_reference.py` measures the same work in PyTorch.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,7 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::Rng;
 use serde::Serialize;
 
-use crate::config::experiment::{BackendChoice, Precision};
+use crate::config::experiment::{Autotune, BackendChoice, Precision};
 use crate::config::train::{Batching, Objective, OptimSection};
 use crate::exec::tasks::{PretrainTask, MASKING};
 use crate::metrics::Store;
@@ -97,9 +97,14 @@ pub struct BenchArgs {
     /// `length` groups similar lengths into batches (less padding); `random` as runs default to.
     #[arg(long, value_enum, default_value = "random")]
     pub batching: Batching,
-    /// Where GPU autotune results persist (as `<cache_dir>/autotune` for runs).
+    /// Where GPU autotune results and compiled CUDA kernels persist (as for runs:
+    /// `<cache_dir>/autotune`, `<cache_dir>/kernels`).
     #[arg(long, default_value = "reports/.cache")]
     pub cache_dir: PathBuf,
+    /// The GPU autotune effort (as `experiment.autotune`); default `CUBECL_AUTOTUNE_LEVEL`, else
+    /// CubeCL's `balanced`.
+    #[arg(long, value_enum)]
+    pub autotune: Option<Autotune>,
 }
 
 /// One shape's figures (the JSON line).
@@ -128,6 +133,10 @@ pub struct Figures {
     pub effective_tokens_per_s: f64,
     /// The process's peak resident memory (VmHWM), MiB: the CPU backend's memory.
     pub peak_rss_mib: Option<f64>,
+    /// GPU backends: the device memory burn's pools reserved for this shape, MiB (their pages,
+    /// freed before the shape and kept until its runs end, so its peak; the runtime's context is
+    /// not counted). None on the CPU.
+    pub device_memory_mib: Option<f64>,
 }
 
 /// Random token sequences: `[CLS] … [SEP]`, lengths uniform in `min_len..=seq`.
@@ -252,6 +261,10 @@ fn bench_shape<B: AutodiffBackend>(
         .map_err(|e| format!("{}: {e}", shape.name))?;
         Ok((started.elapsed().as_secs_f64(), parameters))
     };
+    // Each shape's device memory is its own: what an earlier shape reserved is freed.
+    if let Some(pools) = info.pools {
+        (pools.release)();
+    }
     // The first run compiles (and on GPUs autotunes) every kernel of a step; the later ones find
     // them ready. The measured steps are the difference of two runs over the same batches, as the
     // loop does not wait for the device at every step.
@@ -259,6 +272,10 @@ fn bench_shape<B: AutodiffBackend>(
     let (warm_s, _) = train_for(a.warmup)?;
     let (all_s, _) = train_for(total)?;
     let seconds = (all_s - warm_s).max(f64::MIN_POSITIVE);
+    let device_memory_mib = info
+        .pools
+        .and_then(|p| (p.reserved)())
+        .map(|bytes| bytes as f64 / f64::from(1u32 << 20));
     // The batches the loop trained on, in its order (one epoch covers every step).
     let lengths: Vec<usize> = train.iter().map(Vec::len).collect();
     let batches = crate::data::batch::batches(&lengths, a.batch, a.seed, 0, a.batching);
@@ -296,6 +313,7 @@ fn bench_shape<B: AutodiffBackend>(
         tokens_per_s: padded as f64 / seconds,
         effective_tokens_per_s: effective as f64 / seconds,
         peak_rss_mib: peak_rss_mib(),
+        device_memory_mib,
     })
 }
 
@@ -328,7 +346,10 @@ pub fn run(a: &BenchArgs) -> Result<Vec<Figures>, String> {
     backend::dispatch(
         a.backend,
         a.precision,
-        &a.cache_dir,
+        &backend::GpuSetup {
+            cache_dir: a.cache_dir.clone(),
+            autotune: a.autotune,
+        },
         BenchJob { args: a, shapes },
     )
     .map_err(|e| e.to_string())?

@@ -49,8 +49,8 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// With an experiment file: the backend, as for `xrun run`.
-        #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
-        backend: Option<String>,
+        #[arg(long, value_enum)]
+        backend: Option<config::experiment::BackendChoice>,
         /// With an experiment file: the precision, as for `xrun run`.
         #[arg(long, value_enum)]
         precision: Option<config::experiment::Precision>,
@@ -99,22 +99,29 @@ pub struct FileArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Train on this backend: `--set experiment.backend=…` in short.
-    #[arg(long, value_parser = ["cpu", "auto", "wgpu", "cuda"])]
-    pub backend: Option<String>,
+    #[arg(long, value_enum)]
+    pub backend: Option<config::experiment::BackendChoice>,
     /// Train in this float type: `--set experiment.precision=…` in short.
     #[arg(long, value_enum)]
     pub precision: Option<config::experiment::Precision>,
+    /// The GPU autotune effort: `--set experiment.autotune=…` in short.
+    #[arg(long, value_enum)]
+    pub autotune: Option<config::experiment::Autotune>,
 }
 
 impl FileArgs {
-    /// The `--set` overrides, with `--backend` and `--precision` among them (last, so they win).
+    /// The `--set` overrides, with `--backend`, `--precision` and `--autotune` among them (last,
+    /// so they win).
     pub fn overrides(&self) -> Vec<String> {
         let mut sets = self.sets.clone();
-        if let Some(b) = &self.backend {
-            sets.push(format!("experiment.backend=\"{b}\""));
+        if let Some(b) = self.backend {
+            sets.push(format!("experiment.backend=\"{}\"", b.name()));
         }
         if let Some(p) = self.precision {
             sets.push(format!("experiment.precision=\"{}\"", p.name()));
+        }
+        if let Some(a) = self.autotune {
+            sets.push(format!("experiment.autotune=\"{}\"", a.name()));
         }
         sets
     }
@@ -276,6 +283,7 @@ pub fn main() -> ExitCode {
             sets,
             backend,
             precision,
+            autotune: None,
         }),
         Command::Report { path, .. } => match crate::report::rerender(&path) {
             Ok(path) => {

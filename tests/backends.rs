@@ -48,10 +48,13 @@ fn run_with(out: &Path, backend: &str, extra: &[&str]) -> Output {
             &backend_set,
             "--set",
             "finetune.epochs=2",
+            // The least effort, which the key sets over CubeCL's variable.
+            "--autotune",
+            "minimal",
         ])
         .args(extra)
         .env_remove("XRUN_DATA_ROOT")
-        .env("CUBECL_AUTOTUNE_LEVEL", "minimal")
+        .env("CUBECL_AUTOTUNE_LEVEL", "balanced")
         .output()
         .expect("xrun runs")
 }
@@ -121,10 +124,11 @@ fn wgpu_on_software_vulkan_trains_like_the_cpu() {
         device.contains("llvmpipe"),
         "the report names the adapter: {device}"
     );
-    assert!(summary["device"]["backend"]
-        .as_str()
-        .unwrap()
-        .starts_with("wgpu"));
+    let backend = summary["device"]["backend"].as_str().unwrap();
+    assert!(
+        backend.starts_with("wgpu") && backend.ends_with("autotune minimal)"),
+        "the report names the backend and the autotune effort in force: {backend}"
+    );
     // The same seed initialises differently on each backend, so the curves are not identical;
     // both must learn the same way: every epoch's mean loss within 15% of the CPU's.
     let (a, b) = (epoch_losses(&cpu), epoch_losses(&gpu));
@@ -143,6 +147,45 @@ fn wgpu_on_software_vulkan_trains_like_the_cpu() {
         !files.is_empty(),
         "no autotune cache in {}",
         tuned.display()
+    );
+
+    // `xrun bench` on wgpu reports the device memory burn's pools reserved for the shape: at
+    // least the parameters, their gradients and AdamW's two moments, four f32 copies.
+    let o = Command::new(XRUN)
+        .current_dir(tmp.path())
+        .args([
+            "bench",
+            "--backend",
+            "wgpu",
+            "--shape",
+            "bert-mini",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "4",
+            "--seq",
+            "16",
+            "--min-len",
+            "8",
+            "--vocab",
+            "100",
+            "--autotune",
+            "minimal",
+            "--cache-dir",
+        ])
+        .arg(gpu_out.join(".cache"))
+        .output()
+        .expect("xrun runs");
+    assert!(o.status.success(), "{}", text(&o));
+    let figures: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let parameters = figures["parameters"].as_f64().unwrap();
+    let reserved = figures["device_memory_mib"].as_f64().unwrap();
+    let floor = 4.0 * parameters * 4.0 / f64::from(1u32 << 20);
+    assert!(
+        reserved >= floor && reserved < 20.0 * floor,
+        "{reserved} MiB reserved for {parameters} parameters: {figures}"
     );
 }
 

@@ -178,15 +178,21 @@ fn overrides_are_typed_and_checked() {
             "model.heads=three",
             "--set",
             "model..dropout=0.2",
+            "--set",
+            "experiment.autotune=\"fastest\"",
         ],
     );
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
+    assert!(
+        err.contains("fastest") && err.contains("minimal") && err.contains("full"),
+        "an unknown autotune effort lists the efforts: {err}"
+    );
     assert!(err.contains("unknown key `layerz` in [model]"), "{err}");
     assert!(err.contains("did you mean `layers`?"), "{err}");
     assert!(err.contains("--set model.heads=three"), "{err}");
     assert!(err.contains("`model..dropout` is not a TOML key"), "{err}");
-    assert!(err.contains("3 errors"), "{err}");
+    assert!(err.contains("4 errors"), "{err}");
     let ok = xrun(
         &root(),
         &[
@@ -1806,6 +1812,9 @@ fn bench_reports_throughput_and_length_batching_cuts_padding() {
         );
         assert!(e > 0.0 && e <= t, "{f}");
         assert!(f["time_to_first_step_s"].as_f64().unwrap() > 0.0);
+        // Device memory is the GPU backends' figure; the CPU's is the resident memory.
+        assert!(f["device_memory_mib"].is_null(), "{f}");
+        assert!(f["peak_rss_mib"].as_f64().unwrap() > 0.0, "{f}");
     }
     let share = |f: &serde_json::Value| {
         f["effective_tokens_per_s"].as_f64().unwrap() / f["tokens_per_s"].as_f64().unwrap()

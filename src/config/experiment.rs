@@ -12,6 +12,17 @@ pub enum BackendChoice {
     Cuda,
 }
 
+impl BackendChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Cpu => "cpu",
+            BackendChoice::Wgpu => "wgpu",
+            BackendChoice::Cuda => "cuda",
+        }
+    }
+}
+
 /// The float type every tensor of a run is stored and computed in. Burn has no autocast and no
 /// f32 master weights: `bf16` and `f16` hold parameters, activations, gradients and AdamW's moments
 /// in that type ("pure" half precision). Losses and metrics are read back as f64.
@@ -39,6 +50,29 @@ impl Precision {
     }
 }
 
+/// How hard the GPU backends' autotune searches for each kernel's fastest variant on first use
+/// (CubeCL's levels). Its results persist in `<cache_dir>/autotune`, so the effort is paid once
+/// per kernel shape and device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Autotune {
+    Minimal,
+    Balanced,
+    Extensive,
+    Full,
+}
+
+impl Autotune {
+    pub fn name(self) -> &'static str {
+        match self {
+            Autotune::Minimal => "minimal",
+            Autotune::Balanced => "balanced",
+            Autotune::Extensive => "extensive",
+            Autotune::Full => "full",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExperimentSection {
@@ -54,6 +88,10 @@ pub struct ExperimentSection {
     /// CPU); see `Precision`.
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
+    /// The GPU backends' autotune effort; unset, `CUBECL_AUTOTUNE_LEVEL` or CubeCL's default
+    /// (`balanced`). Speed only: not part of any cache key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autotune: Option<Autotune>,
     /// Relative to the working directory xrun is started from.
     #[serde(default = "default_output_dir")]
     pub output_dir: String,

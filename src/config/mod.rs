@@ -124,6 +124,14 @@ impl Experiment {
         }
     }
 
+    /// How the GPU backends are set up for this experiment.
+    pub fn gpu_setup(&self) -> crate::train::backend::GpuSetup {
+        crate::train::backend::GpuSetup {
+            cache_dir: self.cache_dir(),
+            autotune: self.raw.experiment.autotune,
+        }
+    }
+
     pub fn pretrain_optim(&self) -> Optim {
         self.raw.pretrain.optim.resolve(PRETRAIN_LR)
     }

@@ -178,7 +178,7 @@ pub fn run(exp: &Experiment, trials: &[Trial], opts: &Options) -> Result<Outcome
     backend::dispatch(
         exp.raw.experiment.backend,
         exp.raw.experiment.precision,
-        &exp.cache_dir(),
+        &exp.gpu_setup(),
         RunJob { exp, trials, opts },
     )?
 }

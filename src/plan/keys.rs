@@ -305,7 +305,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         on_error: d.on_error,
         texts: source(exp, d.corpus.as_ref().unwrap_or(&d.train), hashes)?,
     });
-    let backend = crate::train::backend::concrete(raw.experiment.backend, &exp.cache_dir());
+    let backend = crate::train::backend::concrete(raw.experiment.backend, &exp.gpu_setup());
     let seed = raw.experiment.seed;
     let pretrain = match (&d.corpus, raw.pretrain.objective) {
         (Some(corpus), objective) if objective != Objective::None => {

@@ -23,7 +23,7 @@ pub struct Trial {
 pub const REPLICATE_KEYS: [&str; 2] = ["data.split", "experiment.seed"];
 
 /// Keys a sweep may not vary: they name where outputs go, not what is measured.
-const FIXED_KEYS: [&str; 7] = [
+const FIXED_KEYS: [&str; 8] = [
     "experiment.name",
     "experiment.output_dir",
     "experiment.cache_dir",
@@ -31,6 +31,7 @@ const FIXED_KEYS: [&str; 7] = [
     "data.root",
     "experiment.backend",
     "experiment.precision",
+    "experiment.autotune",
 ];
 
 /// One axis of the product: each alternative assigns one or more keys at once.
@@ -368,9 +369,10 @@ fn check_blocks(blocks: &[Block], diags: &mut Vec<Diagnostic>) {
             {
                 let why = if path.starts_with("experiment.backend")
                     || path.starts_with("experiment.precision")
+                    || path.starts_with("experiment.autotune")
                 {
-                    "one run trains on one backend in one precision; run the file once per \
-                     value (--set with another experiment.name)"
+                    "one run sets up one backend, in one precision and autotune effort; run the \
+                     file once per value (--set with another experiment.name)"
                 } else {
                     "it says where outputs go, not what is measured"
                 };

@@ -5,9 +5,9 @@
 //! wgpu adapter, then the CPU. A GPU backend is probed before anything runs: a missing driver or
 //! library is an error naming it, not a panic halfway through a sweep.
 
-use std::path::Path;
+use std::path::PathBuf;
 
-use crate::config::experiment::{BackendChoice, Precision};
+use crate::config::experiment::{Autotune, BackendChoice, Precision};
 
 pub type Cpu = burn::backend::Flex;
 pub type CpuTrain = burn::backend::Autodiff<Cpu>;
@@ -24,6 +24,40 @@ pub struct DeviceInfo {
     /// recorded, which were f32.
     #[serde(default)]
     pub precision: String,
+    /// burn's device memory pools on a GPU backend (None on the CPU).
+    #[serde(skip)]
+    pub pools: Option<Pools>,
+}
+
+/// A CubeCL backend's memory pools on the default device, for the calling thread's stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Pools {
+    /// The bytes the pools have reserved: the device memory training holds, short of the
+    /// runtime's own context. The pools keep their pages until `release` (CubeCL's default
+    /// sub-slice pools free none on their own), so read after a run it is the run's peak. `None`
+    /// when the runtime does not answer.
+    pub reserved: fn() -> Option<u64>,
+    /// Frees the pages no live tensor uses, so a later `reserved` measures what comes after.
+    pub release: fn(),
+}
+
+impl Pools {
+    fn of<R: cubecl_runtime::runtime::Runtime>() -> Self
+    where
+        R::Device: Default,
+    {
+        Pools {
+            reserved: || {
+                catch(|| R::client(&Default::default()).memory_usage())
+                    .ok()?
+                    .ok()
+                    .map(|m| m.bytes_reserved)
+            },
+            release: || {
+                let _ = catch(|| R::client(&Default::default()).memory_cleanup());
+            },
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +95,21 @@ pub trait Job {
     ) -> Self::Output;
 }
 
+/// How the GPU backends are set up: once per process, by the first probe.
+#[derive(Debug, Clone)]
+pub struct GpuSetup {
+    /// `<cache_dir>/autotune` keeps autotune results and `<cache_dir>/kernels/<device>` compiled
+    /// CUDA kernels, so a sweep and later runs tune and compile once.
+    pub cache_dir: PathBuf,
+    /// The autotune effort; `None` leaves `CUBECL_AUTOTUNE_LEVEL` or CubeCL's default.
+    pub autotune: Option<Autotune>,
+}
+
 /// Runs `job` on the backend `choice` names, in `precision`, after probing that it works here.
-/// `cache_dir` keeps the GPU backends' autotune results, so a sweep and later runs tune once.
 pub fn dispatch<J: Job>(
     choice: BackendChoice,
     precision: Precision,
-    cache_dir: &Path,
+    setup: &GpuSetup,
     job: J,
 ) -> Result<J::Output, BackendError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -74,17 +117,17 @@ pub fn dispatch<J: Job>(
         backend: "cpu (burn Flex)".into(),
         device: format!("{} ({threads} threads)", std::env::consts::ARCH),
         threads,
-        precision: String::new(),
+        ..DeviceInfo::default()
     };
     match choice {
         BackendChoice::Cpu => start::<CpuTrain, J>(job, cpu(), precision),
-        BackendChoice::Cuda => start::<CudaTrain, J>(job, probe_cuda(cache_dir)?, precision),
-        BackendChoice::Wgpu => start::<WgpuTrain, J>(job, probe_wgpu(cache_dir)?, precision),
+        BackendChoice::Cuda => start::<CudaTrain, J>(job, probe_cuda(setup)?, precision),
+        BackendChoice::Wgpu => start::<WgpuTrain, J>(job, probe_wgpu(setup)?, precision),
         BackendChoice::Auto => {
-            if let Ok(info) = probe_cuda(cache_dir) {
+            if let Ok(info) = probe_cuda(setup) {
                 return start::<CudaTrain, J>(job, info, precision);
             }
-            if let Ok(info) = probe_wgpu(cache_dir) {
+            if let Ok(info) = probe_wgpu(setup) {
                 return start::<WgpuTrain, J>(job, info, precision);
             }
             start::<CpuTrain, J>(job, cpu(), precision)
@@ -136,14 +179,14 @@ fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
 
 /// The backend `choice` trains on here (`auto` resolved by probing, once per process). Cache keys
 /// use it, so `auto` and the backend it picks share their cached stages.
-pub fn concrete(choice: BackendChoice, cache_dir: &Path) -> BackendChoice {
+pub fn concrete(choice: BackendChoice, setup: &GpuSetup) -> BackendChoice {
     use std::sync::OnceLock;
     static AUTO: OnceLock<BackendChoice> = OnceLock::new();
     match choice {
         BackendChoice::Auto => *AUTO.get_or_init(|| {
-            if probe_cuda(cache_dir).is_ok() {
+            if probe_cuda(setup).is_ok() {
                 BackendChoice::Cuda
-            } else if probe_wgpu(cache_dir).is_ok() {
+            } else if probe_wgpu(setup).is_ok() {
                 BackendChoice::Wgpu
             } else {
                 BackendChoice::Cpu
@@ -172,20 +215,47 @@ fn catch<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String>
     })
 }
 
-/// Persists CubeCL's autotune results under `cache_dir/autotune` (its default is the `target/` of
-/// the nearest Cargo project, else a per-user folder: the same binary started elsewhere tuned
-/// again). `CUBECL_AUTOTUNE_LEVEL` still sets the effort. Set once per process, before any GPU use.
-fn configure_cubecl(cache_dir: &Path) {
+/// Sets CubeCL up once per process, before any GPU use, and returns the autotune level in force.
+/// - Autotune results persist under `<cache_dir>/autotune` (CubeCL's default is the `target/` of
+///   the nearest Cargo project, else a per-user folder: the same binary started elsewhere tuned
+///   again).
+/// - The level is `setup.autotune`, else `CUBECL_AUTOTUNE_LEVEL`, else CubeCL's default.
+/// - Compiled CUDA kernels (PTX) persist under `<cache_dir>/kernels/<device name>` when a CUDA
+///   device answers: PTX built for one architecture need not load on another, and a cache
+///   directory may be shared by machines with different GPUs. (wgpu's WGSL kernels have no such
+///   cache in CubeCL.)
+fn configure_cubecl(setup: &GpuSetup) -> &'static str {
+    use cubecl_runtime::config::autotune::AutotuneLevel;
     use cubecl_runtime::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
-    use std::sync::Once;
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let dir = cache_dir.join("autotune");
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<&'static str> = OnceLock::new();
+    LEVEL.get_or_init(|| {
+        let dir = setup.cache_dir.join("autotune");
         let _ = std::fs::create_dir_all(&dir);
         // As CubeCL reads it (a cubecl.toml above the working directory, then CUBECL_* variables),
-        // with the cache moved; `set` must come before anything reads the configuration.
+        // with the caches moved; `set` must come before anything reads the configuration.
         let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
         config.autotune.cache = CacheConfig::File(dir);
+        if let Some(level) = setup.autotune {
+            config.autotune.level = match level {
+                Autotune::Minimal => AutotuneLevel::Minimal,
+                Autotune::Balanced => AutotuneLevel::Balanced,
+                Autotune::Extensive => AutotuneLevel::Extensive,
+                Autotune::Full => AutotuneLevel::Full,
+            };
+        }
+        if let Ok(Ok(name)) = catch(cuda_name) {
+            let dir = setup.cache_dir.join("kernels").join(file_safe(&name));
+            if std::fs::create_dir_all(&dir).is_ok() {
+                config.compilation.cache = Some(CacheConfig::File(dir));
+            }
+        }
+        let level = match config.autotune.level {
+            AutotuneLevel::Minimal => Autotune::Minimal,
+            AutotuneLevel::Balanced => Autotune::Balanced,
+            AutotuneLevel::Extensive => Autotune::Extensive,
+            AutotuneLevel::Full => Autotune::Full,
+        };
         CubeClRuntimeConfig::set(config);
         // Mesa's Vulkan drivers complain on stderr without a runtime directory.
         if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
@@ -198,21 +268,35 @@ fn configure_cubecl(cache_dir: &Path) {
                 std::env::set_var("XDG_RUNTIME_DIR", runtime);
             }
         }
-    });
+        level.name()
+    })
+}
+
+/// `name` as one path component: letters, digits, `-`, `_` and `.` kept, the rest `_`.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 type Probed = std::sync::OnceLock<Result<DeviceInfo, String>>;
 
 /// Whether CUDA works here, probed once per process.
-fn probe_cuda(cache_dir: &Path) -> Result<DeviceInfo, BackendError> {
+fn probe_cuda(setup: &GpuSetup) -> Result<DeviceInfo, BackendError> {
     static PROBED: Probed = Probed::new();
-    once(&PROBED, || start_cuda(cache_dir), "cuda", CUDA_HINT)
+    once(&PROBED, || start_cuda(setup), "cuda", CUDA_HINT)
 }
 
 /// Whether a wgpu adapter works here, probed once per process (its device is set up once).
-fn probe_wgpu(cache_dir: &Path) -> Result<DeviceInfo, BackendError> {
+fn probe_wgpu(setup: &GpuSetup) -> Result<DeviceInfo, BackendError> {
     static PROBED: Probed = Probed::new();
-    once(&PROBED, || start_wgpu(cache_dir), "wgpu", WGPU_HINT)
+    once(&PROBED, || start_wgpu(setup), "wgpu", WGPU_HINT)
 }
 
 /// The first `start`'s outcome, kept in `cell` for every later probe.
@@ -231,8 +315,8 @@ fn once(
         })
 }
 
-fn start_cuda(cache_dir: &Path) -> Result<DeviceInfo, String> {
-    configure_cubecl(cache_dir);
+fn start_cuda(setup: &GpuSetup) -> Result<DeviceInfo, String> {
+    let level = configure_cubecl(setup);
     catch(|| {
         use burn::tensor::Tensor;
         // An explicit dtype: the device's default float type stays unset for `start`.
@@ -241,15 +325,46 @@ fn start_cuda(cache_dir: &Path) -> Result<DeviceInfo, String> {
         t.sum().into_scalar()
     })?;
     Ok(DeviceInfo {
-        backend: "cuda (burn Cuda, fusion + autotune)".into(),
-        device: "CUDA device 0".into(),
+        backend: format!("cuda (burn Cuda, fusion + autotune {level})"),
+        device: catch(cuda_device).unwrap_or_else(|_| "CUDA device 0".into()),
         threads: 0,
         precision: String::new(),
+        pools: Some(Pools::of::<cubecl_cuda::CudaRuntime>()),
     })
 }
 
-fn start_wgpu(cache_dir: &Path) -> Result<DeviceInfo, String> {
-    configure_cubecl(cache_dir);
+/// Device 0's name as the driver gives it (e.g. "NVIDIA H200"): burn trains on the default
+/// device, the first. Panics where the driver library cannot be loaded (run it under `catch`).
+fn cuda_name() -> Result<String, cudarc::driver::DriverError> {
+    use cudarc::driver::result;
+    result::init()?;
+    result::device::get_name(result::device::get(0)?)
+}
+
+/// Device 0 as the driver describes it, e.g. "NVIDIA H200 (140 GiB, CUDA driver 13.0)". Asked
+/// once CUDA has started (the driver is loaded by then).
+fn cuda_device() -> String {
+    use cudarc::driver::{result, sys};
+    let described = || -> Result<String, result::DriverError> {
+        let name = cuda_name()?;
+        let device = result::device::get(0)?;
+        // SAFETY: `device` came from `get`, as both calls require.
+        let bytes = unsafe { result::device::total_mem(device)? };
+        let mut version = 0;
+        // SAFETY: the driver writes one int through the pointer.
+        unsafe { sys::cuDriverGetVersion(&mut version) }.result()?;
+        Ok(format!(
+            "{name} ({:.0} GiB, CUDA driver {}.{})",
+            bytes as f64 / f64::from(1u32 << 30),
+            version / 1000,
+            version % 1000 / 10
+        ))
+    };
+    described().unwrap_or_else(|e| format!("CUDA device 0 (the driver did not describe it: {e})"))
+}
+
+fn start_wgpu(setup: &GpuSetup) -> Result<DeviceInfo, String> {
+    let level = configure_cubecl(setup);
     let adapter = catch(|| {
         use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, WgpuDevice};
         let setup = init_setup::<AutoGraphicsApi>(&WgpuDevice::DefaultDevice, Default::default());
@@ -260,9 +375,10 @@ fn start_wgpu(cache_dir: &Path) -> Result<DeviceInfo, String> {
         )
     })?;
     Ok(DeviceInfo {
-        backend: "wgpu (burn Wgpu, fusion + autotune)".into(),
+        backend: format!("wgpu (burn Wgpu, fusion + autotune {level})"),
         device: adapter,
         threads: 0,
         precision: String::new(),
+        pools: Some(Pools::of::<burn::backend::wgpu::WgpuRuntime>()),
     })
 }
