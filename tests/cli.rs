@@ -670,6 +670,17 @@ fn plan_lists_trials_and_stages_without_training() {
         plan(&["--set", "sweep.grid.\"finetune.optim.lr\"=[2e-4, 5e-4]"]),
         plan(&["--set", "sweep.grid.finetune.optim.lr=[2e-4, 5e-4]"])
     );
+    // Either spelling replaces the file's entry, written the other way (nested tables there),
+    // rather than sweeping the key twice.
+    let mlm_only = plan(&["--set", "sweep.grid.pretrain.objective=[\"mlm\"]"]);
+    assert_eq!(
+        plan(&["--set", "sweep.grid.\"pretrain.objective\"=[\"mlm\"]"]),
+        mlm_only
+    );
+    assert!(
+        mlm_only.contains("mlm") && !mlm_only.contains("none"),
+        "{mlm_only}"
+    );
 }
 
 #[test]

@@ -480,6 +480,7 @@ fn apply_sets(raw: RawDoc, sets: &[String], diags: &mut Vec<Diagnostic>) -> RawD
         let Ok(mut tree) = toml::Value::try_from(&raw) else {
             continue;
         };
+        sweep::forget_other_spellings(&mut tree, &path, &value);
         if let Err(msg) = set_path(&mut tree, &path, value) {
             diags.push(Diagnostic::new(msg, origin));
             continue;

@@ -148,3 +148,91 @@ fn default_precision() -> usize {
 fn default_best() -> Best {
     Best::Max
 }
+
+/// A grid entry's value: the list of values the key takes.
+pub fn is_list(v: &toml::Value) -> bool {
+    v.is_array()
+}
+
+/// `{ uniform = [..] }`: one key over a non-table value (a misspelt name is still a leaf, so the
+/// error names the parameter, not a key inside it).
+pub fn is_distribution(v: &toml::Value) -> bool {
+    v.as_table()
+        .is_some_and(|t| t.len() == 1 && t.values().all(|x| !x.is_table()))
+}
+
+/// Dotted paths to every leaf of nested tables; `leaf` says where a value stops being a table.
+pub fn flatten(
+    table: &toml::Table,
+    prefix: &str,
+    leaf: &dyn Fn(&toml::Value) -> bool,
+    out: &mut Vec<(String, toml::Value)>,
+) {
+    for (k, v) in table {
+        let path = joined(prefix, k);
+        match v.as_table() {
+            Some(sub) if !leaf(v) => flatten(sub, &path, leaf, out),
+            _ => out.push((path, v.clone())),
+        }
+    }
+}
+
+fn joined(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// Whether a value ends a key path in a sweep table (see `flatten`).
+type Leaf = fn(&toml::Value) -> bool;
+
+/// The sweep tables whose entries are key paths, and where their leaves stop. In them,
+/// `pretrain.objective = […]` (nested tables) and `"pretrain.objective" = […]` (one quoted key)
+/// are two spellings of one entry.
+const PATH_TABLES: [(&[&str], Leaf); 2] = [
+    (&["sweep", "grid"], is_list),
+    (&["sweep", "random", "params"], is_distribution),
+];
+
+/// Before `value` is set at `path` of the document `tree` (a `--set`): removes the entries of a
+/// sweep table that name the same keys in another spelling, so the `--set` replaces them rather
+/// than sweeping a key twice.
+pub fn forget_other_spellings(tree: &mut toml::Value, path: &[&str], value: &toml::Value) {
+    for (base, leaf) in PATH_TABLES {
+        if path.len() <= base.len() || !path.starts_with(base) {
+            continue;
+        }
+        let table = base
+            .iter()
+            .try_fold(&mut *tree, |node, k| node.get_mut(*k))
+            .and_then(toml::Value::as_table_mut);
+        let Some(table) = table else {
+            continue;
+        };
+        let prefix = path[base.len()..].join(".");
+        let mut set = Vec::new();
+        match value.as_table() {
+            Some(sub) if !leaf(value) => flatten(sub, &prefix, &leaf, &mut set),
+            _ => set.push((prefix, value.clone())),
+        }
+        let paths: Vec<String> = set.into_iter().map(|(p, _)| p).collect();
+        remove_leaves(table, "", leaf, &paths);
+    }
+}
+
+/// Removes the leaves of `table` whose dotted paths are in `paths`, and the tables left empty.
+fn remove_leaves(table: &mut toml::Table, prefix: &str, leaf: Leaf, paths: &[String]) {
+    table.retain(|k, v| {
+        let path = joined(prefix, k);
+        let is_leaf = leaf(v);
+        match v.as_table_mut() {
+            Some(sub) if !is_leaf => {
+                remove_leaves(sub, &path, leaf, paths);
+                !sub.is_empty()
+            }
+            _ => !paths.contains(&path),
+        }
+    });
+}

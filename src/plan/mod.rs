@@ -7,7 +7,7 @@ pub mod keys;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::sweep::Distribution;
+use crate::config::sweep::{flatten, is_distribution, is_list, Distribution};
 use crate::config::{self, ConfigErrors, Diagnostic, Experiment, Origin};
 
 /// One point of the sweep: the values it assigns and the experiment they give.
@@ -205,37 +205,6 @@ fn blocks(exp: &Experiment, diags: &mut Vec<Diagnostic>) -> Vec<Block> {
         out.push(Block::new(exp, "sweep.seeds".into(), alternatives));
     }
     out
-}
-
-fn is_list(v: &toml::Value) -> bool {
-    v.is_array()
-}
-
-/// `{ uniform = [..] }`: one key over a non-table value (a misspelt name is still a leaf, so the
-/// error names the parameter, not a key inside it).
-fn is_distribution(v: &toml::Value) -> bool {
-    v.as_table()
-        .is_some_and(|t| t.len() == 1 && t.values().all(|x| !x.is_table()))
-}
-
-/// Dotted paths to every leaf of nested tables; `leaf` says where a value stops being a table.
-fn flatten(
-    table: &toml::Table,
-    prefix: &str,
-    leaf: &dyn Fn(&toml::Value) -> bool,
-    out: &mut Vec<(String, toml::Value)>,
-) {
-    for (k, v) in table {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        match v.as_table() {
-            Some(sub) if !leaf(v) => flatten(sub, &path, leaf, out),
-            _ => out.push((path, v.clone())),
-        }
-    }
 }
 
 fn list(
