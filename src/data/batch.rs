@@ -8,6 +8,18 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::tokenizer::Specials;
 
+thread_local! {
+    /// Token positions `pad` has laid out on this thread: `(with padding, without)`.
+    static LAID_OUT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Token positions `pad` has laid out on this thread so far, `(with padding, without)`. Every
+/// batch a model reads is padded by `pad`, so the difference across a training step's loss is what
+/// the step fed the model (the training loop's throughput).
+pub fn laid_out() -> (u64, u64) {
+    LAID_OUT.with(std::cell::Cell::get)
+}
+
 /// Sequences padded to a common length, row-major `[batch, seq]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Padded {
@@ -27,6 +39,11 @@ pub struct Targets {
 
 pub fn pad(seqs: &[&[u32]], pad_id: u32) -> Padded {
     let seq = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+    let tokens: usize = seqs.iter().map(|s| s.len()).sum();
+    LAID_OUT.with(|c| {
+        let (all, real) = c.get();
+        c.set((all + (seqs.len() * seq) as u64, real + tokens as u64));
+    });
     let mut ids = Vec::with_capacity(seqs.len() * seq);
     let mut pad = Vec::with_capacity(seqs.len() * seq);
     for s in seqs {

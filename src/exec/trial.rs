@@ -448,6 +448,32 @@ pub(super) fn log(opts: &Options, line: &str) {
     }
 }
 
+/// Keeps a stage's throughput for the report and says it.
+fn measured(
+    opts: &Options,
+    label: &str,
+    stage: &str,
+    throughput: Option<crate::train::Throughput>,
+    summary: &mut RunSummary,
+) {
+    let Some(t) = throughput else {
+        return;
+    };
+    log(
+        opts,
+        format!(
+            "{label} {stage}: {:.0} tokens/s, {:.0} without padding ({} steps in {:.1} s, \
+             evaluation left out)",
+            t.tokens_per_s(),
+            t.effective_tokens_per_s(),
+            t.steps,
+            t.seconds
+        )
+        .trim_start(),
+    );
+    summary.throughput.push((stage.into(), t));
+}
+
 /// A pretraining's backbone, and its LM head (none without pretraining).
 type Pretrained<B> = (
     Backbone<<B as AutodiffBackend>::InnerBackend>,
@@ -579,6 +605,7 @@ fn pretrain_stage<B: AutodiffBackend>(
     let write_records = |dir: &Path| stage_store.write(dir).map_err(|e| e.to_string());
     match result {
         Ok(fitted) => {
+            measured(cx.opts, &cx.label, "pretrain", fitted.throughput, summary);
             let model = fitted.model;
             cx.cache
                 .commit("pretrain", key, building, &built_by, Status::Done, |dir| {
@@ -824,6 +851,7 @@ pub(super) fn fit_finetune<B: AutodiffBackend, T: crate::train::Task<B>>(
         .push((stage.into(), started.elapsed().as_secs_f64()));
     match result {
         Ok(fitted) => {
+            measured(cx.opts, &cx.label, stage, fitted.throughput, summary);
             log(
                 cx.opts,
                 &format!(

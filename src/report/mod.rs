@@ -62,6 +62,9 @@ pub struct RunSummary {
     pub objective: String,
     pub scores: Vec<(String, Scores)>,
     pub stage_times: Vec<(String, f64)>,
+    /// The training stages this run computed, and how fast their steps went.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub throughput: Vec<(String, crate::train::Throughput)>,
     pub failure: Option<String>,
     /// How the trial ended; read back when a study is merged from its trial folders.
     #[serde(default)]
@@ -168,6 +171,7 @@ impl RunSummary {
             objective: exp.raw.pretrain.objective.name().to_string(),
             scores: Vec::new(),
             stage_times: Vec::new(),
+            throughput: Vec::new(),
             failure: None,
             continual: None,
         }

@@ -61,6 +61,72 @@ pub struct Fitted<M> {
     pub steps: usize,
     pub best_step: Option<usize>,
     pub stopped_early: bool,
+    /// `None` when this process trained fewer than two steps.
+    pub throughput: Option<Throughput>,
+}
+
+/// What a stage's training steps processed and how long they took, leaving out the first step
+/// this process trains (on a GPU it compiles and autotunes the kernels) and the time spent
+/// evaluating and writing checkpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Throughput {
+    pub steps: usize,
+    pub seconds: f64,
+    /// Token positions the steps fed the model, padding included …
+    pub tokens: u64,
+    /// … and without it.
+    pub effective_tokens: u64,
+}
+
+impl Throughput {
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(f64::MIN_POSITIVE)
+    }
+
+    pub fn effective_tokens_per_s(&self) -> f64 {
+        self.effective_tokens as f64 / self.seconds.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// Accumulates a `Throughput` while `fit` runs.
+#[derive(Default)]
+struct Meter {
+    /// Set once the first step of this process has finished: the steps after it are measured.
+    since: Option<Instant>,
+    /// Time spent evaluating and checkpointing since then.
+    paused: std::time::Duration,
+    counted: Throughput,
+}
+
+impl Meter {
+    /// Counts one step, given what `pad` had laid out before and after its loss was built.
+    fn step(&mut self, before: (u64, u64), after: (u64, u64)) {
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            return;
+        }
+        self.counted.steps += 1;
+        self.counted.tokens += after.0 - before.0;
+        self.counted.effective_tokens += after.1 - before.1;
+    }
+
+    /// Runs `f`, leaving its time out of the measured seconds.
+    fn pause<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = f();
+        if self.since.is_some() {
+            self.paused += started.elapsed();
+        }
+        out
+    }
+
+    fn finish(self) -> Option<Throughput> {
+        let since = self.since?;
+        (self.counted.steps > 0).then(|| Throughput {
+            seconds: since.elapsed().saturating_sub(self.paused).as_secs_f64(),
+            ..self.counted
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +222,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     }
     let mut stopped_early = false;
     let mut unread = Unread::default();
+    let mut meter = Meter::default();
     progress.start(budget.max_steps);
     for epoch in start.0..budget.max_epochs {
         if step >= budget.max_steps {
@@ -172,7 +239,9 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
                 &device,
                 budget.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
+            let before = crate::data::batch::laid_out();
             let loss = task.loss(&model, batch);
+            let after = crate::data::batch::laid_out();
             unread.push(step + 1, epoch, lr, rec.elapsed(), loss.clone().inner());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optimizer.step(lr, model, grads);
@@ -182,18 +251,22 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
             let checkpoint = checkpoints
                 .as_ref()
                 .is_some_and(|c| step % c.every == 0 && !last);
-            // The first step is read at once: its time (kernel compilation and autotuning on a
-            // GPU) shows in the progress.
-            if last || due || checkpoint || step == 1 || unread.due() {
+            // The first step this process trains is read at once: its time (kernel compilation
+            // and autotuning on a GPU) shows in the progress, and the throughput starts after it.
+            let first = meter.since.is_none();
+            if last || due || checkpoint || first || unread.due() {
                 unread.read(&mut rec, progress)?;
             }
+            meter.step(before, after);
             if due && !budget.eval_each_epoch {
                 let snapshot = model.valid();
-                select.observe(task.evaluate(&snapshot), snapshot, step, epoch, &mut rec);
+                let evaluation = meter.pause(|| task.evaluate(&snapshot));
+                select.observe(evaluation, snapshot, step, epoch, &mut rec);
             }
             if let Some(ck) = checkpoints.as_mut().filter(|_| checkpoint) {
                 let state = select.state(step, epoch, i + 1, &rec, first_record);
-                ck.save::<B, _, _>(&state, &model, &optimizer, select.snapshot())
+                meter
+                    .pause(|| ck.save::<B, _, _>(&state, &model, &optimizer, select.snapshot()))
                     .map_err(TrainError::Checkpoint)?;
             }
             if step >= budget.max_steps {
@@ -202,7 +275,8 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
         }
         if budget.eval_each_epoch {
             let snapshot = model.valid();
-            select.observe(task.evaluate(&snapshot), snapshot, step, epoch, &mut rec);
+            let evaluation = meter.pause(|| task.evaluate(&snapshot));
+            select.observe(evaluation, snapshot, step, epoch, &mut rec);
             if budget.patience > 0 && select.stale >= budget.patience && step < budget.max_steps {
                 stopped_early = true;
                 break;
@@ -210,7 +284,8 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
         }
         if let Some(ck) = checkpoints.as_mut().filter(|_| step < budget.max_steps) {
             let state = select.state(step, epoch + 1, 0, &rec, first_record);
-            ck.save::<B, _, _>(&state, &model, &optimizer, select.snapshot())
+            meter
+                .pause(|| ck.save::<B, _, _>(&state, &model, &optimizer, select.snapshot()))
                 .map_err(TrainError::Checkpoint)?;
         }
     }
@@ -225,6 +300,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
         steps: step,
         best_step,
         stopped_early,
+        throughput: meter.finish(),
     })
 }
 
@@ -481,6 +557,70 @@ mod tests {
         assert_eq!(lrs, 40);
         let walls: Vec<f64> = store.records.iter().map(|r| r.wall_s).collect();
         assert!(walls.windows(2).all(|w| w[0] <= w[1]), "{walls:?}");
+    }
+
+    /// Step `s` (batch `s - 1`) pads two sequences of lengths `s` and 1; evaluation pads more.
+    struct Padding;
+
+    impl Task<CpuTrain> for Padding {
+        type Model = Linear<CpuTrain>;
+        type Batch = usize;
+
+        fn batches(&self, _epoch: usize) -> Vec<usize> {
+            (0..5).collect()
+        }
+
+        fn loss(&self, model: &Linear<CpuTrain>, batch: &usize) -> Tensor<CpuTrain, 1> {
+            let long = vec![7u32; batch + 1];
+            crate::data::batch::pad(&[&long, &[7]], 0);
+            let out = model.forward(Tensor::<CpuTrain, 2>::ones([1, 2], &self.device()));
+            out.sum().reshape([1])
+        }
+
+        fn evaluate(
+            &self,
+            _model: &Linear<<CpuTrain as AutodiffBackend>::InnerBackend>,
+        ) -> Evaluation {
+            crate::data::batch::pad(&[&[7; 40], &[7]], 0);
+            Evaluation::default()
+        }
+
+        fn device(&self) -> burn::tensor::Device<CpuTrain> {
+            Default::default()
+        }
+    }
+
+    #[test]
+    fn throughput_counts_the_steps_after_the_first_and_leaves_evaluation_out() {
+        let budget = Budget {
+            max_steps: 10,
+            max_epochs: 2,
+            eval_every: None,
+            eval_each_epoch: true,
+            patience: 0,
+            keep_best: false,
+            seed: 1,
+        };
+        let model = LinearConfig::new(2, 1).init(&Padding.device());
+        let fitted = fit(
+            &Padding,
+            model,
+            &OptimSection::default().resolve(1e-3),
+            &budget,
+            "t",
+            &mut Store::default(),
+            &mut Progress::new("test", true),
+            None,
+        )
+        .unwrap();
+        let t = fitted.throughput.unwrap();
+        // Steps 2..=10 are batches 1..=4 of epoch 1 and 0..=4 of epoch 2: two rows padded to the
+        // longer, `batch + 1` tokens, and the short row's one.
+        let batches = (1..5).chain(0..5);
+        assert_eq!(t.steps, 9);
+        assert_eq!(t.tokens, batches.clone().map(|b| 2 * (b + 1)).sum::<u64>());
+        assert_eq!(t.effective_tokens, batches.map(|b| b + 2).sum::<u64>());
+        assert!(t.seconds > 0.0 && t.tokens_per_s() > t.effective_tokens_per_s());
     }
 
     #[test]
