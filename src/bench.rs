@@ -1,7 +1,8 @@
 //! `xrun bench`: trains named model shapes for a fixed number of steps through the one training
 //! loop (`train::fit`, MLM or AR pretraining as a run does it) and prints one JSON line per shape:
 //! time to first step (autotune included), step time, padded and effective (non-pad) tokens per
-//! second, peak memory (resident, and on GPUs the device memory burn's pools reserved). `benches/pytorch_reference.py` measures the same work in PyTorch.
+//! second, peak memory (resident, and on GPUs the device memory burn's pools reserved).
+//! `benches/pytorch_reference.py` measures the same work in PyTorch.
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -220,11 +220,12 @@ fn catch<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String>
 ///   the nearest Cargo project, else a per-user folder: the same binary started elsewhere tuned
 ///   again).
 /// - The level is `setup.autotune`, else `CUBECL_AUTOTUNE_LEVEL`, else CubeCL's default.
-/// - Compiled CUDA kernels (PTX) persist under `<cache_dir>/kernels/<device name>` when a CUDA
-///   device answers: PTX built for one architecture need not load on another, and a cache
-///   directory may be shared by machines with different GPUs. (wgpu's WGSL kernels have no such
-///   cache in CubeCL.)
-fn configure_cubecl(setup: &GpuSetup) -> &'static str {
+/// - With `cuda` (set up for the CUDA backend, which `auto` probes first), compiled kernels (PTX)
+///   persist under `<cache_dir>/kernels/<device name>` when a device answers: PTX built for one
+///   architecture need not load on another, and a cache directory may be shared by machines with
+///   different GPUs. wgpu's WGSL kernels have no such cache in CubeCL, so a wgpu start leaves the
+///   CUDA driver unloaded.
+fn configure_cubecl(setup: &GpuSetup, cuda: bool) -> &'static str {
     use cubecl_runtime::config::autotune::AutotuneLevel;
     use cubecl_runtime::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
     use std::sync::OnceLock;
@@ -244,7 +245,7 @@ fn configure_cubecl(setup: &GpuSetup) -> &'static str {
                 Autotune::Full => AutotuneLevel::Full,
             };
         }
-        if let Ok(Ok(name)) = catch(cuda_name) {
+        if let Some(Ok(Ok(name))) = cuda.then(|| catch(cuda_name)) {
             let dir = setup.cache_dir.join("kernels").join(file_safe(&name));
             if std::fs::create_dir_all(&dir).is_ok() {
                 config.compilation.cache = Some(CacheConfig::File(dir));
@@ -316,7 +317,7 @@ fn once(
 }
 
 fn start_cuda(setup: &GpuSetup) -> Result<DeviceInfo, String> {
-    let level = configure_cubecl(setup);
+    let level = configure_cubecl(setup, true);
     catch(|| {
         use burn::tensor::Tensor;
         // An explicit dtype: the device's default float type stays unset for `start`.
@@ -364,7 +365,7 @@ fn cuda_device() -> String {
 }
 
 fn start_wgpu(setup: &GpuSetup) -> Result<DeviceInfo, String> {
-    let level = configure_cubecl(setup);
+    let level = configure_cubecl(setup, false);
     let adapter = catch(|| {
         use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, WgpuDevice};
         let setup = init_setup::<AutoGraphicsApi>(&WgpuDevice::DefaultDevice, Default::default());
