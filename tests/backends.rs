@@ -28,6 +28,16 @@ fn ensure_lavapipe() {
     common::apt_install(&["mesa-vulkan-drivers", "libvulkan1"], "XRUN_SKIP_WGPU");
 }
 
+/// Whether the wgpu tests run: not with XRUN_SKIP_WGPU set; else lavapipe is installed if missing.
+fn wgpu_ready() -> bool {
+    if std::env::var_os("XRUN_SKIP_WGPU").is_some() {
+        eprintln!("XRUN_SKIP_WGPU is set: skipped");
+        return false;
+    }
+    ensure_lavapipe();
+    true
+}
+
 /// The smoke experiment without pretraining, on `backend`, into `out`.
 fn run(out: &Path, backend: &str) -> Output {
     run_with(out, backend, &["--set", "pretrain.objective=\"none\""])
@@ -97,11 +107,9 @@ fn epoch_losses(run: &Path) -> Vec<f64> {
 
 #[test]
 fn wgpu_on_software_vulkan_trains_like_the_cpu() {
-    if std::env::var_os("XRUN_SKIP_WGPU").is_some() {
-        eprintln!("XRUN_SKIP_WGPU is set: skipped");
+    if !wgpu_ready() {
         return;
     }
-    ensure_lavapipe();
     let tmp = tempfile::tempdir().unwrap();
     let (cpu_out, gpu_out) = (tmp.path().join("cpu"), tmp.path().join("wgpu"));
     let o = run(&cpu_out, "cpu");
@@ -124,6 +132,16 @@ fn wgpu_on_software_vulkan_trains_like_the_cpu() {
         device.contains("llvmpipe"),
         "the report names the adapter: {device}"
     );
+    // The adapter's buffer limit, under which attention, the feed-forward network and the LM
+    // head compute in pieces (lavapipe's is 128 MiB); the CPU has none.
+    let max_buffer = summary["device"]["max_buffer"].as_u64();
+    assert!(
+        max_buffer.is_some_and(|b| b >= 1 << 20),
+        "the adapter's buffer limit is recorded: {max_buffer:?}"
+    );
+    let cpu_summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cpu.join("summary.json")).unwrap()).unwrap();
+    assert!(cpu_summary["device"].get("max_buffer").is_none());
     let backend = summary["device"]["backend"].as_str().unwrap();
     assert!(
         backend.starts_with("wgpu") && backend.ends_with("autotune minimal)"),
@@ -259,4 +277,45 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A tensor past the adapter's buffer limit (here a 32768-wide embedding table; lavapipe allows
+/// 128 MiB per buffer) makes the runtime panic in its own thread, and every thread waiting on it
+/// after: the run ends with one error naming the device, the size and what to lower, not pages of
+/// panics, and the stages that finished stay cached.
+#[test]
+fn a_tensor_past_the_buffer_limit_is_one_clear_error() {
+    if !wgpu_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run_with(
+        tmp.path(),
+        "wgpu",
+        &[
+            "--set",
+            "model.d_model=32768",
+            "--set",
+            "model.heads=1",
+            "--set",
+            "model.d_ff=32",
+            "--set",
+            "pretrain.objective=\"none\"",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        err.contains("failed in the GPU runtime: can't allocate buffer")
+            && err.contains("where one buffer holds at most")
+            && err.contains("model.d_model"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.lines().count() <= 6, "{err}");
+    let tokenizers = walk(&tmp.path().join(".cache/tokenizer"));
+    assert!(
+        tokenizers.iter().any(|p| p.ends_with("tokenizer.json")),
+        "the tokenizer stage stays cached: {tokenizers:?}"
+    );
 }

@@ -13,7 +13,6 @@
 //! ensemble and distillation steps).
 
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -165,10 +164,9 @@ fn summed_log_probs<B: Backend>(
     let (ids, pad) = ids_tensor::<B>(&batch::pad(&refs, pad_id), device);
     let n = positions.len();
     let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), device);
-    let logits = model.forward(ids, pad, pos);
-    let target = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
-    log_softmax(logits, 1)
-        .gather(1, target)
+    let target = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
+    model
+        .target_log_probs(ids, pad, pos, target)
         .reshape([n / per, per])
         .sum_dim(1)
         .reshape([n / per])

@@ -51,6 +51,7 @@ impl RunError {
     /// 2 for bad input (the user's file or data), 1 for a stage that failed while running.
     pub fn exit_code(&self) -> i32 {
         match self {
+            RunError::Backend(BackendError::Failed { .. }) => 1,
             RunError::Backend(_) | RunError::Data(_) | RunError::Input(_) => 2,
             RunError::Stage { .. } => 1,
             RunError::Trials { code, .. } => *code,

@@ -77,7 +77,8 @@ impl<B: Backend> PretrainTask<'_, B> {
         (padded, targets)
     }
 
-    /// Summed cross-entropy and the number of predicted tokens.
+    /// Mean cross-entropy over the predicted tokens (burn's `CrossEntropyLoss`, operation for
+    /// operation, where the logits fit one device buffer).
     fn loss_on<M: Backend>(
         model: &LmModel<M>,
         padded: &Padded,
@@ -85,10 +86,14 @@ impl<B: Backend> PretrainTask<'_, B> {
         device: &M::Device,
     ) -> Tensor<M, 1> {
         let (ids, pad) = ids_tensor::<M>(padded, device);
-        let logits = model.forward(ids, pad, int_tensor::<M>(&t.positions, device));
-        CrossEntropyLossConfig::new()
-            .init(device)
-            .forward(logits, int_tensor::<M>(&t.targets, device))
+        let (positions, targets) = (
+            int_tensor(&t.positions, device),
+            int_tensor(&t.targets, device),
+        );
+        model
+            .target_log_probs(ids, pad, positions, targets)
+            .mean()
+            .neg()
     }
 }
 

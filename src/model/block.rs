@@ -9,8 +9,11 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use std::ops::Range;
+
 use super::linear;
 use super::peft::{project, Adapter, Lora, Prefix};
+use super::pieces::{max_buffer, pieces, ELEMENT_BYTES};
 
 pub struct BlockConfig {
     pub d_model: usize,
@@ -126,7 +129,21 @@ impl<B: Backend> SelfAttention<B> {
             softcap: None,
             is_causal: causal,
         };
-        let context = attention(q, k, v, Some(mask), None, options);
+        // Scores and mask are `[batch, heads, seq, keys]`: computed a few sequences at a time
+        // where they would not fit one device buffer.
+        let row = (self.heads * seq * k.dims()[2]) as u64 * ELEMENT_BYTES;
+        let parts = pieces(batch, row, max_buffer());
+        let context = if parts.len() == 1 {
+            attention(q, k, v, Some(mask), None, options)
+        } else {
+            let cut = |r: &Range<usize>| {
+                let rows = |t: Tensor<B, 4>| t.narrow(0, r.start, r.len());
+                let mask = mask.clone().narrow(0, r.start, r.len());
+                let (q, k, v) = (rows(q.clone()), rows(k.clone()), rows(v.clone()));
+                attention(q, k, v, Some(mask), None, options)
+            };
+            Tensor::cat(parts.iter().map(cut).collect(), 0)
+        };
         let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
         project(&self.output, &self.lora_output, context)
     }
@@ -158,6 +175,21 @@ fn prefix_mask<B: Backend>(
 
 impl<B: Backend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        // The `[rows, d_ff]` activations, a few sequences at a time where they would not fit one
+        // device buffer.
+        let [batch, seq, _] = x.dims();
+        // `lazy_shape`: reading the shape must not initialise a lazy parameter, which would draw
+        // its weights out of turn and change what a seed gives.
+        let row = (seq * self.up.weight.lazy_shape()[1]) as u64 * ELEMENT_BYTES;
+        let parts = pieces(batch, row, max_buffer());
+        if parts.len() == 1 {
+            return self.rows(x);
+        }
+        let cut = |r: &Range<usize>| self.rows(x.clone().narrow(0, r.start, r.len()));
+        Tensor::cat(parts.iter().map(cut).collect(), 0)
+    }
+
+    fn rows(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = project(&self.up, &self.lora_up, x);
         let h = if self.gelu_tanh {
             gelu_approximate(h)

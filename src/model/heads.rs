@@ -4,10 +4,13 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
+use std::ops::Range;
+
+use burn::tensor::activation::{gelu, log_softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
+use super::pieces::{max_buffer, pieces, ELEMENT_BYTES};
 use super::{linear, INIT};
 
 /// BERT's MLM head (dense → GELU → LayerNorm → vocabulary projection), used for AR as well; a
@@ -55,6 +58,36 @@ impl<B: Backend> LmHead<B> {
             h = norm.forward(h);
         }
         self.decoder.forward(h)
+    }
+
+    /// Log-probabilities `[n]` of `targets` `[n]` at `positions`. The `[n, vocab]` logits are
+    /// computed a number of positions at a time where they would not fit one device buffer.
+    pub fn target_log_probs(
+        &self,
+        hidden: Tensor<B, 3>,
+        positions: Tensor<B, 1, Int>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 1> {
+        let scored = |hidden, positions: Tensor<B, 1, Int>, targets: Tensor<B, 1, Int>| {
+            let [n] = positions.dims();
+            log_softmax(self.forward(hidden, positions), 1)
+                .gather(1, targets.reshape([n, 1]))
+                .reshape([n])
+        };
+        let [n] = positions.dims();
+        // `lazy_shape`: reading the shape must not initialise a lazy parameter, which would draw
+        // its weights out of turn and change what a seed gives.
+        let row = self.decoder.weight.lazy_shape()[1] as u64 * ELEMENT_BYTES;
+        let parts = pieces(n, row, max_buffer());
+        if parts.len() == 1 {
+            return scored(hidden, positions, targets);
+        }
+        let cut = |r: &Range<usize>| {
+            let (p, t) = (positions.clone(), targets.clone());
+            let (p, t) = (p.narrow(0, r.start, r.len()), t.narrow(0, r.start, r.len()));
+            scored(hidden.clone(), p, t)
+        };
+        Tensor::cat(parts.iter().map(cut).collect(), 0)
     }
 }
 

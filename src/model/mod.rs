@@ -9,6 +9,7 @@
 mod block;
 mod heads;
 pub mod peft;
+pub mod pieces;
 
 use burn::module::Module;
 use burn::nn::{
@@ -491,6 +492,87 @@ mod tests {
         assert_eq!(seg, [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1]);
     }
 
+    /// Attention, the feed-forward network and the LM head cut into pieces of one sequence (or
+    /// one position) each, as under a tiny device buffer limit, give the log-probabilities and
+    /// gradients of the uncut model; uncut, the loss is burn's `CrossEntropyLoss` to the bit.
+    #[test]
+    fn work_cut_to_the_buffer_limit_computes_what_the_whole_does() {
+        use crate::model::pieces::set_max_buffer;
+        use burn::nn::loss::CrossEntropyLossConfig;
+        use burn::tensor::ElementConversion;
+        type Ad = burn::backend::Autodiff<Flex>;
+        let device = Default::default();
+        let values = |t: Tensor<Flex, 2>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
+        for causal in [false, true] {
+            Flex::seed(&device, 11);
+            let cfg = config(causal);
+            let mut backbone = cfg.init::<Ad>(&device);
+            if causal {
+                // Prefix keys: the scores have more keys than queries.
+                backbone = backbone.with_prefix(3, &device);
+            }
+            let model = LmModel {
+                backbone,
+                head: cfg.lm_head(&device),
+            };
+            let ids: Vec<i32> = vec![2, 10, 11, 12, 3, 2, 13, 3, 0, 0, 2, 14, 15, 3, 0];
+            let pad: Vec<bool> = ids.iter().map(|&i| i == 0).collect();
+            let positions: Vec<i64> = vec![1, 2, 3, 6, 11, 12];
+            let targets: Vec<i64> = vec![11, 12, 3, 3, 15, 3];
+            let run = |limit: Option<u64>| {
+                set_max_buffer(limit);
+                let ids =
+                    Tensor::<Ad, 2, Int>::from_data(TensorData::new(ids.clone(), [3, 5]), &device);
+                let pad =
+                    Tensor::<Ad, 2, Bool>::from_data(TensorData::new(pad.clone(), [3, 5]), &device);
+                let p = Tensor::<Ad, 1, Int>::from_data(
+                    TensorData::new(positions.clone(), [6]),
+                    &device,
+                );
+                let t =
+                    Tensor::<Ad, 1, Int>::from_data(TensorData::new(targets.clone(), [6]), &device);
+                let lp = model.target_log_probs(ids.clone(), pad.clone(), p.clone(), t.clone());
+                let loss = lp.clone().mean().neg();
+                let ce = CrossEntropyLossConfig::new()
+                    .init(&device)
+                    .forward(model.forward(ids, pad, p), t);
+                let grads = loss.backward();
+                let block = &model.backbone.blocks[0];
+                let grad = |w: &burn::module::Param<Tensor<Ad, 2>>| values(w.grad(&grads).unwrap());
+                let g = [
+                    grad(&model.head.decoder.weight),
+                    grad(&block.attention.query.weight),
+                    grad(&block.feed_forward.up.weight),
+                ];
+                set_max_buffer(None);
+                let scalar = |t: Tensor<Ad, 1>| t.inner().into_scalar().elem::<f32>();
+                (
+                    lp.inner().into_data().to_vec::<f32>().unwrap(),
+                    scalar(loss),
+                    scalar(ce),
+                    g,
+                )
+            };
+            let (whole, loss, ce, whole_grads) = run(None);
+            assert_eq!(loss, ce, "uncut, the loss is burn's cross-entropy");
+            let (cut, _, _, cut_grads) = run(Some(1));
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5,
+                        "{what} (causal {causal}): {x} vs {y}"
+                    );
+                }
+            };
+            close(&whole, &cut, "log-probabilities");
+            for (a, b) in whole_grads.iter().zip(&cut_grads) {
+                assert!(a.iter().any(|x| *x != 0.0));
+                close(a, b, "gradients");
+            }
+        }
+    }
+
     fn run(model: &Backbone<Flex>, ids: Vec<i32>) -> Vec<f32> {
         let device = Default::default();
         let n = ids.len();
@@ -598,6 +680,19 @@ impl<B: Backend> LmModel<B> {
     ) -> Tensor<B, 2> {
         self.head
             .forward(self.backbone.forward(ids, pad), positions)
+    }
+
+    /// Log-probabilities `[n]` of `targets` at the `positions` (flat indices into `batch * seq`),
+    /// without holding more logits at once than the device's buffers allow.
+    pub fn target_log_probs(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad: Tensor<B, 2, Bool>,
+        positions: Tensor<B, 1, Int>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 1> {
+        self.head
+            .target_log_probs(self.backbone.forward(ids, pad), positions, targets)
     }
 }
 

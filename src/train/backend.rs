@@ -24,6 +24,11 @@ pub struct DeviceInfo {
     /// recorded, which were f32.
     #[serde(default)]
     pub precision: String,
+    /// The largest buffer the device allows one tensor, in bytes (None: no limit, the CPU).
+    /// Attention, the feed-forward network and the LM head compute in pieces under it
+    /// (`model::pieces`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_buffer: Option<u64>,
     /// burn's device memory pools on a GPU backend (None on the CPU).
     #[serde(skip)]
     pub pools: Option<Pools>,
@@ -39,6 +44,21 @@ pub struct Pools {
     pub reserved: fn() -> Option<u64>,
     /// Frees the pages no live tensor uses, so a later `reserved` measures what comes after.
     pub release: fn(),
+}
+
+/// The largest buffer CubeCL's pools hand out on `R`'s default device: wgpu's
+/// `max_storage_buffer_binding_size`, a quarter of the memory on CUDA.
+fn max_buffer<R: cubecl_runtime::runtime::Runtime>() -> Option<u64>
+where
+    R::Device: Default,
+{
+    catch(|| {
+        R::client(&Default::default())
+            .properties()
+            .memory
+            .max_page_size
+    })
+    .ok()
 }
 
 impl Pools {
@@ -67,6 +87,13 @@ pub enum BackendError {
         backend: &'static str,
         reason: String,
         hint: &'static str,
+    },
+    #[error("training on {backend}, {device}, failed in the GPU runtime: {reason}\n  {hint}")]
+    Failed {
+        backend: String,
+        device: String,
+        reason: String,
+        hint: String,
     },
     #[error("`experiment.precision` = \"{precision}\" is not available on {backend}: {reason}")]
     Precision {
@@ -174,7 +201,106 @@ fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
         )));
     }
     info.precision = precision.name().into();
-    Ok(job.run::<B>(device, info))
+    crate::model::pieces::set_max_buffer(info.max_buffer);
+    if info.pools.is_none() {
+        // The CPU: a panic there is xrun's own bug, shown as Rust shows it.
+        return Ok(job.run::<B>(device, info));
+    }
+    let (backend, name, limit) = (info.backend.clone(), info.device.clone(), info.max_buffer);
+    guarded(|| job.run::<B>(device, info)).map_err(|reason| BackendError::Failed {
+        hint: failure_hint(&reason, limit),
+        backend,
+        device: name,
+        reason,
+    })
+}
+
+/// Runs `f`, in which a GPU runtime may fail. The runtime fails by panicking in its own thread,
+/// and then every thread waiting on it panics in turn (thousands of lines): the first panic in
+/// the process is printed as one line, with its thread and place (a bug of xrun's own would show
+/// there too), and returned as the failure; the rest are silenced. After a
+/// failure the silencing stays, since the runtime's threads may go on panicking until the process
+/// ends.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    use std::sync::Mutex;
+    static FIRST: Mutex<Option<String>> = Mutex::new(None);
+    let first = || FIRST.lock().unwrap_or_else(|e| e.into_inner());
+    *first() = None;
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |panic| {
+        let mut seen = first();
+        if seen.is_none() {
+            let message = panic_message(panic.payload());
+            let thread = std::thread::current();
+            let place = panic.location().map(|l| {
+                // From the crate's folder on: `cubecl-wgpu-0.10.0/src/compute/server.rs:270`.
+                let file = l.file();
+                let short = file.rfind("/src/").map_or(file, |i| {
+                    let start = file[..i].rfind('/').map_or(0, |j| j + 1);
+                    &file[start..]
+                });
+                format!(", {short}:{}", l.line())
+            });
+            eprintln!(
+                "xrun: first panic (thread {}{}): {message}",
+                thread.name().unwrap_or("unnamed"),
+                place.unwrap_or_default()
+            );
+            *seen = Some(message);
+        }
+    }));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(value) => {
+            std::panic::set_hook(previous);
+            Ok(value)
+        }
+        Err(payload) => Err(first()
+            .take()
+            .unwrap_or_else(|| panic_message(payload.as_ref()))),
+    }
+}
+
+/// A panic's message, its first line (runtimes append their backtraces).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    let line = text.lines().next().unwrap_or_default();
+    line.strip_prefix("called `Result::unwrap()` on an `Err` value: ")
+        .unwrap_or(line)
+        .to_string()
+}
+
+/// What to do about a runtime failure: a tensor the device could not hold is the batch's size.
+fn failure_hint(reason: &str, limit: Option<u64>) -> String {
+    let lower = reason.to_lowercase();
+    let memory = ["allocate", "out of memory", "outofmemory", "too big"];
+    if memory.iter().any(|m| lower.contains(m)) {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20));
+        // CubeCL's message ends with the bytes it was asked for.
+        let asked = reason
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .map(|b| format!(" of {}", mib(b)))
+            .unwrap_or_default();
+        let per_buffer = limit
+            .filter(|&b| b < u64::MAX)
+            .map(|b| format!(", where one buffer holds at most {}", mib(b)))
+            .unwrap_or_default();
+        format!(
+            "the device could not hold a tensor{asked}{per_buffer}: lower the stage's batch size \
+             (pretrain.batch_size, finetune.batch_size, eval.batch_size), model.max_len, or the \
+             model's size (model.d_model, model.d_ff, tokenizer.vocab_size). Stages that finished \
+             are cached; the next run starts at the one that failed"
+        )
+    } else {
+        "a fault in the GPU runtime, not in the experiment file; `--backend cpu` runs the same \
+         experiment. Stages that finished are cached; the next run starts at the one that failed"
+            .into()
+    }
 }
 
 /// The backend `choice` trains on here (`auto` resolved by probing, once per process). Cache keys
@@ -330,6 +456,7 @@ fn start_cuda(setup: &GpuSetup) -> Result<DeviceInfo, String> {
         device: catch(cuda_device).unwrap_or_else(|_| "CUDA device 0".into()),
         threads: 0,
         precision: String::new(),
+        max_buffer: max_buffer::<cubecl_cuda::CudaRuntime>(),
         pools: Some(Pools::of::<cubecl_cuda::CudaRuntime>()),
     })
 }
@@ -380,6 +507,7 @@ fn start_wgpu(setup: &GpuSetup) -> Result<DeviceInfo, String> {
         device: adapter,
         threads: 0,
         precision: String::new(),
+        max_buffer: max_buffer::<burn::backend::wgpu::WgpuRuntime>(),
         pools: Some(Pools::of::<burn::backend::wgpu::WgpuRuntime>()),
     })
 }
