@@ -535,7 +535,7 @@ mod tests {
                 let loss = lp.clone().mean().neg();
                 let ce = CrossEntropyLossConfig::new()
                     .init(&device)
-                    .forward(model.forward(ids, pad, p), t);
+                    .forward(model.head.forward(model.backbone.forward(ids, pad), p), t);
                 let grads = loss.backward();
                 let block = &model.backbone.blocks[0];
                 let grad = |w: &burn::module::Param<Tensor<Ad, 2>>| values(w.grad(&grads).unwrap());
@@ -671,17 +671,6 @@ impl<B: Backend> MultiTask<B> {
 }
 
 impl<B: Backend> LmModel<B> {
-    /// Logits `[n, vocab]` at the `positions` (flat indices into `batch * seq`).
-    pub fn forward(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        pad: Tensor<B, 2, Bool>,
-        positions: Tensor<B, 1, Int>,
-    ) -> Tensor<B, 2> {
-        self.head
-            .forward(self.backbone.forward(ids, pad), positions)
-    }
-
     /// Log-probabilities `[n]` of `targets` at the `positions` (flat indices into `batch * seq`),
     /// without holding more logits at once than the device's buffers allow.
     pub fn target_log_probs(

@@ -218,9 +218,8 @@ fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
 /// Runs `f`, in which a GPU runtime may fail. The runtime fails by panicking in its own thread,
 /// and then every thread waiting on it panics in turn (thousands of lines): the first panic in
 /// the process is printed as one line, with its thread and place (a bug of xrun's own would show
-/// there too), and returned as the failure; the rest are silenced. After a
-/// failure the silencing stays, since the runtime's threads may go on panicking until the process
-/// ends.
+/// there too), and returned as the failure; the rest are silenced. After a failure the silencing
+/// stays, since the runtime's threads may go on panicking until the process ends.
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     use std::sync::Mutex;
     static FIRST: Mutex<Option<String>> = Mutex::new(None);
@@ -262,11 +261,7 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 
 /// A panic's message, its first line (runtimes append their backtraces).
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("a panic without a message");
+    let text = payload_text(payload).unwrap_or("a panic without a message");
     let line = text.lines().next().unwrap_or_default();
     line.strip_prefix("called `Result::unwrap()` on an `Err` value: ")
         .unwrap_or(line)
@@ -333,12 +328,18 @@ fn catch<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String>
     let result = std::panic::catch_unwind(f);
     std::panic::set_hook(previous);
     result.map_err(|payload| {
-        payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "the runtime failed to start".into())
+        payload_text(payload.as_ref())
+            .unwrap_or("the runtime failed to start")
+            .to_string()
     })
+}
+
+/// A panic's message, as `panic!` and `unwrap` leave it.
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
 }
 
 /// Sets CubeCL up once per process, before any GPU use, and returns the autotune level in force.
