@@ -8,7 +8,8 @@
 # is left of the budget, and whatever did not fit is listed as skipped in the output:
 #   1. per shape (bert-base first, the goal shape): xrun f32 with a cold cache (autotune and
 #      kernel compilation), xrun f32 again with the caches warm (time to first step: goal 3),
-#      PyTorch eager f32 and bf16 autocast (goal 1), xrun bf16 (cold: its kernels tune apart);
+#      PyTorch eager f32 and bf16 autocast (goal 1), xrun bf16-mixed (autocast's split: bf16
+#      products, f32 weights; cold, as its kernels tune apart), then xrun pure bf16;
 #   2. with E2E=1, instead of the benchmarks: the end-to-end comparison (goal 2), the headline
 #      pipeline in xrun and in PyTorch + transformers (about 2 x 600 s: run it as its own call).
 # Output: JSON lines in $OUT/bench.jsonl (default bench-out/), one per shape x implementation, the
@@ -71,6 +72,7 @@ for shape in $SHAPES; do
   xrun_bench "$shape" warm f32
   torch_bench "$shape" f32
   torch_bench "$shape" bf16
+  xrun_bench "$shape" cold bf16-mixed
   xrun_bench "$shape" cold bf16
 done
 cat "$OUT/bench.jsonl"

@@ -74,7 +74,8 @@ pub struct BenchArgs {
     pub shapes: Vec<String>,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendChoice,
-    /// The float type of every tensor (as `experiment.precision`).
+    /// f32, bf16 products with f32 weights (`bf16-mixed`), or every tensor in bf16 or f16 (as
+    /// `experiment.precision`).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
     /// Measured steps, after the warm-up steps.

@@ -101,7 +101,8 @@ pub struct FileArgs {
     /// Train on this backend: `--set experiment.backend=…` in short.
     #[arg(long, value_enum)]
     pub backend: Option<config::experiment::BackendChoice>,
-    /// Train in this float type: `--set experiment.precision=…` in short.
+    /// Train in this precision (f32, bf16-mixed, bf16, f16): `--set experiment.precision=…` in
+    /// short.
     #[arg(long, value_enum)]
     pub precision: Option<config::experiment::Precision>,
     /// The GPU autotune effort: `--set experiment.autotune=…` in short.

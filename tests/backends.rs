@@ -208,62 +208,60 @@ fn wgpu_on_software_vulkan_trains_like_the_cpu() {
 }
 
 #[test]
-fn bf16_on_the_cpu_trains_every_stage_in_bf16_and_learns_like_f32() {
-    // With MLM pretraining, so a bf16 model also goes through the stage cache into fine-tuning.
+fn bf16_and_bf16_mixed_on_the_cpu_train_every_stage_and_learn_like_f32() {
+    // With MLM pretraining, so a half-precision model also goes through the stage cache into
+    // fine-tuning.
     let tmp = tempfile::tempdir().unwrap();
-    let (f32_out, bf16_out) = (tmp.path().join("f32"), tmp.path().join("bf16"));
+    let f32_out = tmp.path().join("f32");
     let o = run_with(&f32_out, "cpu", &[]);
     assert!(o.status.success(), "{}", text(&o));
-    let o = run_with(&bf16_out, "cpu", &["--precision", "bf16"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let (a, b) = (
-        f32_out.join("smoke/trials/base"),
-        bf16_out.join("smoke/trials/base"),
-    );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["device"]["precision"], "bf16");
-    let html = std::fs::read_to_string(bf16_out.join("smoke/index.html")).unwrap();
-    assert!(
-        html.contains("<td class=\"l\">bf16</td>"),
-        "the report says bf16"
-    );
-    // bf16 keeps 8 significant bits: the curves differ from f32's, and follow them.
-    let (x, y) = (epoch_losses(&a), epoch_losses(&b));
+    let x = epoch_losses(&f32_out.join("smoke/trials/base"));
     assert_eq!(x.len(), 2);
-    assert_eq!(x.len(), y.len());
-    assert_ne!(x, y, "bf16 computes differently");
-    for (p, q) in x.iter().zip(&y) {
+    for precision in ["bf16", "bf16-mixed"] {
+        let out = tmp.path().join(precision);
+        let o = run_with(&out, "cpu", &["--precision", precision]);
+        assert!(o.status.success(), "{}", text(&o));
+        let b = out.join("smoke/trials/base");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["device"]["precision"], precision);
+        let html = std::fs::read_to_string(out.join("smoke/index.html")).unwrap();
         assert!(
-            (p - q).abs() <= 0.15 * p,
-            "epoch losses: f32 {x:?}, bf16 {y:?}"
+            html.contains(&format!("<td class=\"l\">{precision}</td>")),
+            "the report says {precision}"
+        );
+        // bf16 keeps 8 significant bits: the curves differ from f32's, and follow them.
+        let y = epoch_losses(&b);
+        assert_eq!(x.len(), y.len());
+        assert_ne!(x, y, "{precision} computes differently");
+        for (p, q) in x.iter().zip(&y) {
+            assert!(
+                (p - q).abs() <= 0.15 * p,
+                "epoch losses: f32 {x:?}, {precision} {y:?}"
+            );
+        }
+        // Separate cache entries: the f32 run's stages are not reused in half precision.
+        let plan = Command::new(XRUN)
+            .current_dir(root())
+            .args(["plan", "experiments/smoke.toml", "--precision", precision])
+            .arg("--set")
+            .arg(format!("experiment.output_dir={}", f32_out.display()))
+            .env_remove("XRUN_DATA_ROOT")
+            .output()
+            .unwrap();
+        let listing = text(&plan);
+        assert!(plan.status.success(), "{listing}");
+        let row = listing
+            .lines()
+            .find(|l| l.starts_with("base"))
+            .unwrap_or("");
+        assert_eq!(
+            row.matches("run ").count(),
+            2,
+            "pretraining and fine-tuning run again in {precision}, the tokenizer is shared: {listing}"
         );
     }
-    // Separate cache entries: the f32 run's stages are not reused in bf16.
-    let plan = Command::new(XRUN)
-        .current_dir(root())
-        .args([
-            "plan",
-            "experiments/smoke.toml",
-            "--precision",
-            "bf16",
-            "--set",
-        ])
-        .arg(format!("experiment.output_dir={}", f32_out.display()))
-        .env_remove("XRUN_DATA_ROOT")
-        .output()
-        .unwrap();
-    let listing = text(&plan);
-    assert!(plan.status.success(), "{listing}");
-    let row = listing
-        .lines()
-        .find(|l| l.starts_with("base"))
-        .unwrap_or("");
-    assert_eq!(
-        row.matches("run ").count(),
-        2,
-        "pretraining and fine-tuning run again in bf16, the tokenizer is shared: {listing}"
-    );
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -23,9 +23,10 @@ impl BackendChoice {
     }
 }
 
-/// The float type every tensor of a run is stored and computed in. Burn has no autocast and no
-/// f32 master weights: `bf16` and `f16` hold parameters, activations, gradients and AdamW's moments
-/// in that type ("pure" half precision). Losses and metrics are read back as f64.
+/// The float types a run's tensors are stored and computed in. `bf16` and `f16` hold parameters,
+/// activations, gradients and AdamW's moments in that type ("pure" half precision; burn has no
+/// autocast). `bf16-mixed` keeps all of those in f32 and computes projections and attention in
+/// bf16, as PyTorch's autocast does (`model::mixed`). Losses and metrics are read back as f64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -33,6 +34,9 @@ pub enum Precision {
     F32,
     Bf16,
     F16,
+    #[serde(rename = "bf16-mixed")]
+    #[value(name = "bf16-mixed")]
+    Bf16Mixed,
 }
 
 impl Precision {
@@ -46,6 +50,7 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
             Precision::F16 => "f16",
+            Precision::Bf16Mixed => "bf16-mixed",
         }
     }
 }

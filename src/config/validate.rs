@@ -110,10 +110,11 @@ fn experiment(c: &mut Checker, raw: &RawDoc) {
     use super::experiment::{BackendChoice, Precision};
     let e = &raw.experiment;
     c.require(
-        !(e.backend == BackendChoice::Wgpu && e.precision == Precision::Bf16),
+        !(e.backend == BackendChoice::Wgpu
+            && matches!(e.precision, Precision::Bf16 | Precision::Bf16Mixed)),
         "experiment.precision",
         || {
-            "`experiment.precision` = \"bf16\" is not available on wgpu (WGSL has no bf16); use \"f16\" there, or backend \"cuda\"".into()
+            format!("`experiment.precision` = \"{}\" is not available on wgpu (WGSL has no bf16); use \"f16\" there, or backend \"cuda\"", e.precision.name())
         },
     );
     if e.precision == Precision::F16 {

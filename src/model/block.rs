@@ -5,13 +5,13 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use std::ops::Range;
 
 use super::linear;
+use super::mixed::attend;
 use super::peft::{project, Adapter, Lora, Prefix};
 use super::pieces::{max_buffer, pieces, ELEMENT_BYTES};
 
@@ -134,13 +134,13 @@ impl<B: Backend> SelfAttention<B> {
         let row = (self.heads * seq * k.dims()[2]) as u64 * ELEMENT_BYTES;
         let parts = pieces(batch, row, max_buffer());
         let context = if parts.len() == 1 {
-            attention(q, k, v, Some(mask), None, options)
+            attend(q, k, v, mask, options)
         } else {
             let cut = |r: &Range<usize>| {
                 let rows = |t: Tensor<B, 4>| t.narrow(0, r.start, r.len());
                 let mask = mask.clone().narrow(0, r.start, r.len());
                 let (q, k, v) = (rows(q.clone()), rows(k.clone()), rows(v.clone()));
-                attention(q, k, v, Some(mask), None, options)
+                attend(q, k, v, mask, options)
             };
             Tensor::cat(parts.iter().map(cut).collect(), 0)
         };

@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
 use super::pieces::{max_buffer, pieces, ELEMENT_BYTES};
-use super::{linear, INIT};
+use super::{linear, mixed, INIT};
 
 /// BERT's MLM head (dense → GELU → LayerNorm → vocabulary projection), used for AR as well; a
 /// GPT-2 import has the projection alone, without bias.
@@ -52,12 +52,12 @@ impl<B: Backend> LmHead<B> {
         let [batch, seq, d] = hidden.dims();
         let mut h = hidden.reshape([batch * seq, d]).select(0, positions);
         if let Some(dense) = &self.dense {
-            h = gelu(dense.forward(h));
+            h = gelu(mixed::linear(dense, h));
         }
         if let Some(norm) = &self.norm {
             h = norm.forward(h);
         }
-        self.decoder.forward(h)
+        mixed::linear(&self.decoder, h)
     }
 
     /// Log-probabilities `[n]` of `targets` `[n]` at `positions`. The `[n, vocab]` logits are
@@ -137,9 +137,9 @@ impl<B: Backend> ClassifierHead<B> {
     ) -> Tensor<B, 2> {
         let mut pooled = pool_hidden(hidden, pad, pool);
         if let Some(dense) = pooler {
-            pooled = dense.forward(pooled).tanh();
+            pooled = mixed::linear(dense, pooled).tanh();
         }
-        self.output.forward(self.dropout.forward(pooled))
+        mixed::linear(&self.output, self.dropout.forward(pooled))
     }
 
     /// Token classification: logits `[n, classes]` at `positions` (flat indices into `batch * seq`),
@@ -151,7 +151,7 @@ impl<B: Backend> ClassifierHead<B> {
     ) -> Tensor<B, 2> {
         let [batch, seq, d] = hidden.dims();
         let picked = hidden.reshape([batch * seq, d]).select(0, positions);
-        self.output.forward(self.dropout.forward(picked))
+        mixed::linear(&self.output, self.dropout.forward(picked))
     }
 }
 

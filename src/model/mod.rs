@@ -8,6 +8,7 @@
 
 mod block;
 mod heads;
+pub mod mixed;
 pub mod peft;
 pub mod pieces;
 
@@ -571,6 +572,75 @@ mod tests {
                 close(a, b, "gradients");
             }
         }
+    }
+
+    /// Under `bf16-mixed` the products and attention run in bf16 (the numbers change a little),
+    /// while parameters and their gradients stay f32 and follow the f32 model's closely.
+    #[test]
+    fn mixed_precision_computes_in_bf16_and_keeps_f32_weights_and_gradients() {
+        use crate::model::mixed::set_compute;
+        use burn::tensor::{DType, ElementConversion, FloatDType};
+        type Ad = burn::backend::Autodiff<Flex>;
+        let device = Default::default();
+        Flex::seed(&device, 5);
+        let cfg = config(false);
+        let mut backbone = cfg.init::<Ad>(&device).with_adapters(4, &device);
+        backbone = backbone.with_lora(&lora_everywhere(), &device);
+        let model = LmModel {
+            backbone,
+            head: cfg.lm_head(&device),
+        };
+        let ids: Vec<i32> = vec![2, 10, 11, 12, 3, 2, 13, 3, 0, 0];
+        let pad: Vec<bool> = ids.iter().map(|&i| i == 0).collect();
+        let tensor =
+            |v: Vec<i64>| Tensor::<Ad, 1, Int>::from_data(TensorData::new(v, [3]), &device);
+        let run = |compute: Option<FloatDType>| {
+            set_compute(compute);
+            let lp = model.target_log_probs(
+                Tensor::from_data(TensorData::new(ids.clone(), [2, 5]), &device),
+                Tensor::from_data(TensorData::new(pad.clone(), [2, 5]), &device),
+                tensor(vec![1, 2, 6]),
+                tensor(vec![11, 12, 3]),
+            );
+            let grads = lp.clone().mean().neg().backward();
+            set_compute(None);
+            let block = &model.backbone.blocks[0];
+            let lora = block.attention.lora_query.as_ref().unwrap();
+            let weights = [
+                &model.head.decoder.weight,
+                &block.attention.query.weight,
+                &block.feed_forward.up.weight,
+                &block.adapter_feed_forward.as_ref().unwrap().up.weight,
+                &lora.b,
+            ];
+            let grads: Vec<Tensor<Flex, 2>> =
+                weights.iter().map(|w| w.grad(&grads).unwrap()).collect();
+            (lp.inner(), grads)
+        };
+        let (lp32, g32) = run(None);
+        let (lp16, g16) = run(Some(FloatDType::BF16));
+        assert_eq!(lp16.dtype(), DType::F32, "losses are read in f32");
+        let values = |t: Tensor<Flex, 1>| t.into_data().to_vec::<f32>().unwrap();
+        let (a, b) = (values(lp32), values(lp16));
+        assert_ne!(a, b, "products ran in bf16");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() < 0.05,
+                "log-probabilities: f32 {x}, mixed {y}"
+            );
+        }
+        for (x, y) in g32.into_iter().zip(g16) {
+            assert_eq!(y.dtype(), DType::F32, "gradients are f32");
+            // bf16 keeps 8 significant bits: within a few percent of the gradient's scale.
+            let scale: f32 = x.clone().abs().max().into_scalar().elem();
+            let gap: f32 = (x - y).abs().max().into_scalar().elem();
+            assert!(
+                scale > 0.0 && gap <= 0.05 * scale,
+                "gradient off by {gap} of {scale}"
+            );
+        }
+        let params = model.backbone.blocks[0].attention.query.weight.val();
+        assert_eq!(params.dtype(), DType::F32, "master weights are f32");
     }
 
     fn run(model: &Backbone<Flex>, ids: Vec<i32>) -> Vec<f32> {

@@ -17,7 +17,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::{linear, INIT};
+use super::{linear, mixed, INIT};
 
 #[derive(Module, Debug)]
 pub struct Lora<B: Backend> {
@@ -57,9 +57,7 @@ impl<B: Backend> Lora<B> {
     /// The update to add to the projection's output for input rows `x` `[rows, d_in]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = self.dropout.forward(x);
-        x.matmul(self.a.val())
-            .matmul(self.b.val())
-            .mul_scalar(self.scale)
+        mixed::matmul(mixed::matmul(x, self.a.val()), self.b.val()).mul_scalar(self.scale)
     }
 
     /// `linear` with this update folded into its weight: same outputs, no extra work.
@@ -80,8 +78,8 @@ pub fn project<B: Backend>(
     x: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
     by_rows(x, |x| match lora {
-        Some(l) => linear.forward(x.clone()) + l.forward(x),
-        None => linear.forward(x),
+        Some(l) => mixed::linear(linear, x.clone()) + l.forward(x),
+        None => mixed::linear(linear, x),
     })
 }
 
@@ -117,7 +115,10 @@ impl<B: Backend> Adapter<B> {
     }
 
     pub fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        h.clone() + by_rows(h, |h| self.up.forward(gelu(self.down.forward(h))))
+        h.clone()
+            + by_rows(h, |h| {
+                mixed::linear(&self.up, gelu(mixed::linear(&self.down, h)))
+            })
     }
 }
 

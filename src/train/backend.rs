@@ -20,8 +20,8 @@ pub struct DeviceInfo {
     pub backend: String,
     pub device: String,
     pub threads: usize,
-    /// The float type of every tensor (`f32`, `bf16`, `f16`); empty in runs from before it was
-    /// recorded, which were f32.
+    /// The precision's name (`f32`, `bf16-mixed`, `bf16`, `f16`); empty in runs from before it
+    /// was recorded, which were f32.
     #[serde(default)]
     pub precision: String,
     /// The largest buffer the device allows one tensor, in bytes (None: no limit, the CPU).
@@ -162,8 +162,9 @@ pub fn dispatch<J: Job>(
     }
 }
 
-/// Makes `precision` the float type of every tensor created on `B`'s default device from now on,
-/// then runs `job` there. Burn keeps one such setting per device and process, fixed by the first
+/// Makes `precision`'s storage type the float type of every tensor created on `B`'s default
+/// device from now on (and, when mixed, its half type the one products are computed in), then
+/// runs `job` there. Burn keeps one such setting per device and process, fixed by the first
 /// tensor created: the probes create theirs with an explicit f32, so they fix nothing.
 fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
     job: J,
@@ -172,17 +173,19 @@ fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
 ) -> Result<J::Output, BackendError> {
     use burn::tensor::{get_device_settings, set_default_dtypes, FloatDType, IntDType};
     let device = B::Device::default();
-    let wanted = match precision {
-        Precision::F32 => FloatDType::F32,
-        Precision::Bf16 => FloatDType::BF16,
-        Precision::F16 => FloatDType::F16,
+    // The type tensors are stored in, and the half type products are computed in when mixed.
+    let (wanted, compute) = match precision {
+        Precision::F32 => (FloatDType::F32, None),
+        Precision::Bf16 => (FloatDType::BF16, None),
+        Precision::F16 => (FloatDType::F16, None),
+        Precision::Bf16Mixed => (FloatDType::F32, Some(FloatDType::BF16)),
     };
     let failed = |reason: String| BackendError::Precision {
         precision: precision.name(),
         backend: info.backend.clone(),
         reason,
     };
-    if !precision.is_f32() {
+    if wanted != FloatDType::F32 {
         // A panic from the runtime is an error here, not mid-run. Set twice in one process (tests)
         // is fine when it is the same type, which the check below makes sure of.
         let set = catch(std::panic::AssertUnwindSafe(|| {
@@ -202,6 +205,7 @@ fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
     }
     info.precision = precision.name().into();
     crate::model::pieces::set_max_buffer(info.max_buffer);
+    crate::model::mixed::set_compute(compute);
     if info.pools.is_none() {
         // The CPU: a panic there is xrun's own bug, shown as Rust shows it.
         return Ok(job.run::<B>(device, info));
