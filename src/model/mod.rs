@@ -348,6 +348,15 @@ mod tests {
     use burn::tensor::backend::Backend;
     use burn::tensor::TensorData;
 
+    type Ad = burn::backend::Autodiff<Flex>;
+    /// `ids`, `pad`, `positions`, `targets`.
+    type LmInputs = (
+        Tensor<Ad, 2, Int>,
+        Tensor<Ad, 2, Bool>,
+        Tensor<Ad, 1, Int>,
+        Tensor<Ad, 1, Int>,
+    );
+
     #[test]
     fn parameter_count_matches_burn() {
         use burn::module::Module;
@@ -493,6 +502,21 @@ mod tests {
         assert_eq!(seg, [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1]);
     }
 
+    /// The inputs of `LmModel::target_log_probs` on the autodiff CPU backend: `ids` in rows of
+    /// `width` (0 is padding), and the flat `positions` to score with their `targets`.
+    fn lm_inputs(ids: &[i32], width: usize, positions: &[i64], targets: &[i64]) -> LmInputs {
+        let device = Default::default();
+        let rows = [ids.len() / width, width];
+        let pad: Vec<bool> = ids.iter().map(|&i| i == 0).collect();
+        let flat = |v: &[i64]| TensorData::new(v.to_vec(), [v.len()]);
+        (
+            Tensor::from_data(TensorData::new(ids.to_vec(), rows), &device),
+            Tensor::from_data(TensorData::new(pad, rows), &device),
+            Tensor::from_data(flat(positions), &device),
+            Tensor::from_data(flat(targets), &device),
+        )
+    }
+
     /// Attention, the feed-forward network and the LM head cut into pieces of one sequence (or
     /// one position) each, as under a tiny device buffer limit, give the log-probabilities and
     /// gradients of the uncut model; uncut, the loss is burn's `CrossEntropyLoss` to the bit.
@@ -501,7 +525,6 @@ mod tests {
         use crate::model::pieces::set_max_buffer;
         use burn::nn::loss::CrossEntropyLossConfig;
         use burn::tensor::ElementConversion;
-        type Ad = burn::backend::Autodiff<Flex>;
         let device = Default::default();
         let values = |t: Tensor<Flex, 2>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
         for causal in [false, true] {
@@ -516,22 +539,14 @@ mod tests {
                 backbone,
                 head: cfg.lm_head(&device),
             };
-            let ids: Vec<i32> = vec![2, 10, 11, 12, 3, 2, 13, 3, 0, 0, 2, 14, 15, 3, 0];
-            let pad: Vec<bool> = ids.iter().map(|&i| i == 0).collect();
-            let positions: Vec<i64> = vec![1, 2, 3, 6, 11, 12];
-            let targets: Vec<i64> = vec![11, 12, 3, 3, 15, 3];
             let run = |limit: Option<u64>| {
                 set_max_buffer(limit);
-                let ids =
-                    Tensor::<Ad, 2, Int>::from_data(TensorData::new(ids.clone(), [3, 5]), &device);
-                let pad =
-                    Tensor::<Ad, 2, Bool>::from_data(TensorData::new(pad.clone(), [3, 5]), &device);
-                let p = Tensor::<Ad, 1, Int>::from_data(
-                    TensorData::new(positions.clone(), [6]),
-                    &device,
+                let (ids, pad, p, t) = lm_inputs(
+                    &[2, 10, 11, 12, 3, 2, 13, 3, 0, 0, 2, 14, 15, 3, 0],
+                    5,
+                    &[1, 2, 3, 6, 11, 12],
+                    &[11, 12, 3, 3, 15, 3],
                 );
-                let t =
-                    Tensor::<Ad, 1, Int>::from_data(TensorData::new(targets.clone(), [6]), &device);
                 let lp = model.target_log_probs(ids.clone(), pad.clone(), p.clone(), t.clone());
                 let loss = lp.clone().mean().neg();
                 let ce = CrossEntropyLossConfig::new()
@@ -580,7 +595,6 @@ mod tests {
     fn mixed_precision_computes_in_bf16_and_keeps_f32_weights_and_gradients() {
         use crate::model::mixed::set_compute;
         use burn::tensor::{DType, ElementConversion, FloatDType};
-        type Ad = burn::backend::Autodiff<Flex>;
         let device = Default::default();
         Flex::seed(&device, 5);
         let cfg = config(false);
@@ -590,18 +604,15 @@ mod tests {
             backbone,
             head: cfg.lm_head(&device),
         };
-        let ids: Vec<i32> = vec![2, 10, 11, 12, 3, 2, 13, 3, 0, 0];
-        let pad: Vec<bool> = ids.iter().map(|&i| i == 0).collect();
-        let tensor =
-            |v: Vec<i64>| Tensor::<Ad, 1, Int>::from_data(TensorData::new(v, [3]), &device);
         let run = |compute: Option<FloatDType>| {
             set_compute(compute);
-            let lp = model.target_log_probs(
-                Tensor::from_data(TensorData::new(ids.clone(), [2, 5]), &device),
-                Tensor::from_data(TensorData::new(pad.clone(), [2, 5]), &device),
-                tensor(vec![1, 2, 6]),
-                tensor(vec![11, 12, 3]),
+            let (ids, pad, p, t) = lm_inputs(
+                &[2, 10, 11, 12, 3, 2, 13, 3, 0, 0],
+                5,
+                &[1, 2, 6],
+                &[11, 12, 3],
             );
+            let lp = model.target_log_probs(ids, pad, p, t);
             let grads = lp.clone().mean().neg().backward();
             set_compute(None);
             let block = &model.backbone.blocks[0];
