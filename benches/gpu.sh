@@ -17,6 +17,7 @@
 #
 #   XRUN=path/to/xrun OUT=dir SHAPES="bert-base bert-mini" STEPS=30 BUDGET=540 bash benches/gpu.sh
 #   E2E=1 BUDGET=1200 bash benches/gpu.sh
+#   E2E=1 OBJECTIVES=none BUDGET=300 bash benches/gpu.sh     # the none row alone
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 XRUN=${XRUN:-target/release/xrun}
@@ -46,13 +47,15 @@ capped() {
 if [ "${E2E:-0}" = 1 ]; then
   # The headline pipeline, objectives none and mlm, in xrun and in PyTorch + transformers
   # (benches/e2e_hf.py): wall time and test accuracy.
+  objectives=${OBJECTIVES:-none,mlm}
+  grid=\"${objectives//,/\",\"}\"
   half=$(((DEADLINE - SECONDS) / 2))
   /usr/bin/time -f "xrun wall %e s" timeout "$half" "$XRUN" experiments/clue_tnews.toml -q \
-    --backend cuda --set model.norm=post --set 'sweep.grid={"pretrain.objective"=["none","mlm"]}' \
+    --backend cuda --set model.norm=post --set "sweep.grid={\"pretrain.objective\"=[$grid]}" \
     --set experiment.output_dir="$OUT/e2e" > "$OUT/e2e-xrun.log" 2>&1
   cp "$OUT/e2e/clue_tnews/tables/tnews_test_accuracy.md" "$OUT/e2e-xrun-table.md" 2>/dev/null
   /usr/bin/time -f "pytorch wall %e s" timeout $((DEADLINE - SECONDS)) "$PY" benches/e2e_hf.py \
-    --device cuda --data-root "${XRUN_DATA_ROOT:-../shared/data}" > "$OUT/e2e-hf.jsonl" 2> "$OUT/e2e-hf.log"
+    --objectives "$objectives" --device cuda --data-root "${XRUN_DATA_ROOT:-../shared/data}" > "$OUT/e2e-hf.jsonl" 2> "$OUT/e2e-hf.log"
   tail -n 2 "$OUT/e2e-xrun.log" "$OUT/e2e-hf.log"; tail -n 1 "$OUT/e2e-hf.jsonl"
   cat "$OUT/e2e-xrun-table.md" 2>/dev/null
   exit 0
