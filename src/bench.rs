@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// CubeCL's `balanced`.
     #[arg(long, value_enum)]
     pub autotune: Option<Autotune>,
+    /// Pad each batch to a multiple of this many positions (as `experiment.pad_multiple`);
+    /// default 16 on GPUs, 1 (the longest sequence exactly) on the CPU.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub pad_multiple: Option<u64>,
 }
 
 /// One shape's figures (the JSON line).
@@ -118,6 +122,8 @@ pub struct Figures {
     pub device: String,
     pub precision: String,
     pub batching: Batching,
+    /// Batches are padded to a multiple of this many positions (`--pad-multiple`).
+    pub pad_multiple: usize,
     pub parameters: usize,
     pub batch: usize,
     pub seq: usize,
@@ -129,7 +135,8 @@ pub struct Figures {
     pub step_ms: f64,
     /// Padding and masking one batch on the host, which the loop does before each step.
     pub host_prep_ms: f64,
-    /// Tokens per second counting padding (every batch is padded to its longest sequence).
+    /// Tokens per second counting padding (every batch is padded to its longest sequence,
+    /// rounded up to `pad_multiple`).
     pub tokens_per_s: f64,
     /// Non-pad tokens per second.
     pub effective_tokens_per_s: f64,
@@ -209,6 +216,7 @@ fn bench_shape<B: AutodiffBackend>(
         batching: a.batching,
         eval_batch_size: a.batch,
         seed: a.seed,
+        max_len: a.seq,
         device: device.clone(),
     };
     let cfg = BackboneConfig {
@@ -305,6 +313,7 @@ fn bench_shape<B: AutodiffBackend>(
         device: info.device.clone(),
         precision: info.precision.clone(),
         batching: a.batching,
+        pad_multiple: info.pad_multiple,
         parameters,
         batch: a.batch,
         seq: a.seq,
@@ -351,6 +360,7 @@ pub fn run(a: &BenchArgs) -> Result<Vec<Figures>, String> {
         &backend::GpuSetup {
             cache_dir: a.cache_dir.clone(),
             autotune: a.autotune,
+            pad_multiple: a.pad_multiple.map(|m| m as usize),
         },
         BenchJob { args: a, shapes },
     )

@@ -142,6 +142,8 @@ fn wgpu_on_software_vulkan_trains_like_the_cpu() {
     let cpu_summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cpu.join("summary.json")).unwrap()).unwrap();
     assert!(cpu_summary["device"].get("max_buffer").is_none());
+    // Batches are padded to multiples of 16 on a GPU (each new length compiles kernels there).
+    assert_eq!(summary["device"]["pad_multiple"], 16);
     let backend = summary["device"]["backend"].as_str().unwrap();
     assert!(
         backend.starts_with("wgpu") && backend.ends_with("autotune minimal)"),
@@ -207,44 +209,85 @@ fn wgpu_on_software_vulkan_trains_like_the_cpu() {
     );
 }
 
+/// Settings that change how a CPU run computes but not what it learns: half precision, and
+/// padding every batch to a multiple of 16 positions (the GPU default, where each new length
+/// compiles kernels). Each trains every stage, says so in the report and `summary.json`, keeps
+/// its own cache entries, and follows the f32 run's curve.
 #[test]
-fn bf16_and_bf16_mixed_on_the_cpu_train_every_stage_and_learn_like_f32() {
-    // With MLM pretraining, so a half-precision model also goes through the stage cache into
-    // fine-tuning.
+fn half_precision_and_padded_lengths_on_the_cpu_train_every_stage_and_learn_like_f32() {
+    // With MLM pretraining, so a variant's model also goes through the stage cache into
+    // fine-tuning. Batches of similar lengths: drawn at random, nearly every batch of the
+    // smoke data holds a row cut at max_len (32), and rounding its length up changes nothing.
     let tmp = tempfile::tempdir().unwrap();
     let f32_out = tmp.path().join("f32");
-    let o = run_with(&f32_out, "cpu", &[]);
+    let by_length = [
+        "--set",
+        "pretrain.batching=\"length\"",
+        "--set",
+        "finetune.batching=\"length\"",
+    ];
+    let o = run_with(&f32_out, "cpu", &by_length);
     assert!(o.status.success(), "{}", text(&o));
-    let x = epoch_losses(&f32_out.join("smoke/trials/base"));
+    let base = f32_out.join("smoke/trials/base");
+    let x = epoch_losses(&base);
     assert_eq!(x.len(), 2);
-    for precision in ["bf16", "bf16-mixed"] {
-        let out = tmp.path().join(precision);
-        let o = run_with(&out, "cpu", &["--precision", precision]);
+    let summary = |trial: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(trial.join("summary.json")).unwrap()).unwrap()
+    };
+    assert!(summary(&base)["device"].get("pad_multiple").is_none());
+    let variants: [(&str, &[&str], &str, &str); 3] = [
+        (
+            "bf16",
+            &["--precision", "bf16"],
+            "precision",
+            "<td class=\"l\">bf16</td>",
+        ),
+        (
+            "bf16-mixed",
+            &["--precision", "bf16-mixed"],
+            "precision",
+            "<td class=\"l\">bf16-mixed</td>",
+        ),
+        (
+            "16",
+            &["--set", "experiment.pad_multiple=16"],
+            "pad_multiple",
+            "padded to a multiple of 16 positions",
+        ),
+    ];
+    for (value, args, field, shown) in variants {
+        let out = tmp.path().join(field).join(value);
+        let o = run_with(&out, "cpu", &[&by_length[..], args].concat());
         assert!(o.status.success(), "{}", text(&o));
         let b = out.join("smoke/trials/base");
-        let summary: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap())
-                .unwrap();
-        assert_eq!(summary["device"]["precision"], precision);
-        let html = std::fs::read_to_string(out.join("smoke/index.html")).unwrap();
-        assert!(
-            html.contains(&format!("<td class=\"l\">{precision}</td>")),
-            "the report says {precision}"
+        assert_eq!(
+            summary(&b)["device"][field].to_string().trim_matches('"'),
+            value
         );
-        // bf16 keeps 8 significant bits: the curves differ from f32's, and follow them.
+        let html = std::fs::read_to_string(out.join("smoke/index.html")).unwrap();
+        assert!(html.contains(shown), "the report says {field} {value}");
+        // bf16 keeps 8 significant bits; longer rows draw other dropout masks. The curves
+        // differ from f32's, and follow them.
         let y = epoch_losses(&b);
         assert_eq!(x.len(), y.len());
-        assert_ne!(x, y, "{precision} computes differently");
+        assert_ne!(x, y, "{field} {value} computes differently");
         for (p, q) in x.iter().zip(&y) {
             assert!(
                 (p - q).abs() <= 0.15 * p,
-                "epoch losses: f32 {x:?}, {precision} {y:?}"
+                "epoch losses: f32 {x:?}, {field} {value} {y:?}"
             );
         }
-        // Separate cache entries: the f32 run's stages are not reused in half precision.
+        // Separate cache entries: the f32 run's stages are not reused.
         let plan = Command::new(XRUN)
             .current_dir(root())
-            .args(["plan", "experiments/smoke.toml", "--precision", precision])
+            .args([
+                "plan",
+                "experiments/smoke.toml",
+                "--set",
+                "finetune.epochs=2",
+            ])
+            .args(by_length)
+            .args(args)
             .arg("--set")
             .arg(format!("experiment.output_dir={}", f32_out.display()))
             .env_remove("XRUN_DATA_ROOT")
@@ -259,7 +302,7 @@ fn bf16_and_bf16_mixed_on_the_cpu_train_every_stage_and_learn_like_f32() {
         assert_eq!(
             row.matches("run ").count(),
             2,
-            "pretraining and fine-tuning run again in {precision}, the tokenizer is shared: {listing}"
+            "pretraining and fine-tuning run again with {field} {value}, the tokenizer is shared: {listing}"
         );
     }
 }

@@ -97,6 +97,11 @@ pub struct ExperimentSection {
     /// (`balanced`). Speed only: not part of any cache key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autotune: Option<Autotune>,
+    /// Pad each batch to a multiple of this many positions (never past `model.max_len`); unset,
+    /// 16 on GPU backends, where every new batch length compiles its own kernels, and 1 (the
+    /// longest sequence exactly) on the CPU. Part of the training stages' keys when not 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_multiple: Option<usize>,
     /// Relative to the working directory xrun is started from.
     #[serde(default = "default_output_dir")]
     pub output_dir: String,

@@ -129,6 +129,7 @@ impl Experiment {
         crate::train::backend::GpuSetup {
             cache_dir: self.cache_dir(),
             autotune: self.raw.experiment.autotune,
+            pad_multiple: self.raw.experiment.pad_multiple,
         }
     }
 

@@ -68,6 +68,9 @@ pub(super) fn check(
     c.at_least("finetune.epochs", raw.finetune.epochs, 1);
     c.at_least("finetune.batch_size", raw.finetune.batch_size, 1);
     c.at_least("eval.batch_size", raw.eval.batch_size, 1);
+    if let Some(m) = raw.experiment.pad_multiple {
+        c.at_least("experiment.pad_multiple", m, 1);
+    }
     data(&mut c, &raw, &data_root);
     continual(&mut c, &raw, &data_root);
     report(&mut c, &raw);

@@ -13,6 +13,20 @@ thread_local! {
     static LAID_OUT: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
+thread_local! {
+    /// `pad` rounds a batch's length up to a multiple of this (set by `train::backend` for the
+    /// device a stage runs on; 1 lays out the longest sequence exactly).
+    static MULTIPLE: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+}
+
+/// Makes `pad` on this thread round lengths up to a multiple of `multiple` (at least 1). On a GPU
+/// every new `[batch, seq]` compiles (and tunes) a new set of kernels, so lengths drawn from
+/// `1..=max_len` would compile for most batches of a run; multiples of 16 leave a few shapes that
+/// compile once.
+pub fn set_pad_multiple(multiple: usize) {
+    MULTIPLE.with(|m| m.set(multiple.max(1)));
+}
+
 /// Token positions `pad` has laid out on this thread so far, `(with padding, without)`. Every
 /// batch a model reads is padded by `pad`, so the difference across a training step's loss is what
 /// the step fed the model (the training loop's throughput).
@@ -37,8 +51,14 @@ pub struct Targets {
     pub targets: Vec<i32>,
 }
 
-pub fn pad(seqs: &[&[u32]], pad_id: u32) -> Padded {
-    let seq = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+/// Pads `seqs` to the longest of them, rounded up to this thread's multiple (`set_pad_multiple`)
+/// but never past `limit` (the model's positions).
+pub fn pad(seqs: &[&[u32]], pad_id: u32, limit: usize) -> Padded {
+    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+    let multiple = MULTIPLE.with(std::cell::Cell::get);
+    let seq = (longest.div_ceil(multiple) * multiple)
+        .min(limit)
+        .max(longest);
     let tokens: usize = seqs.iter().map(|s| s.len()).sum();
     LAID_OUT.with(|c| {
         let (all, real) = c.get();
@@ -302,9 +322,29 @@ mod tests {
 
     #[test]
     fn padding_marks_the_tail() {
-        let b = pad(&[&[2, 7, 3], &[2, 3]], 0);
+        let b = pad(&[&[2, 7, 3], &[2, 3]], 0, 16);
         assert_eq!(b.ids, vec![2, 7, 3, 2, 3, 0]);
         assert_eq!(b.pad, vec![false, false, false, false, false, true]);
+    }
+
+    #[test]
+    fn lengths_round_up_to_the_multiple_within_the_limit() {
+        let (five, three): (&[u32], &[u32]) = (&[2, 7, 8, 9, 3], &[2, 9, 3]);
+        let lengths = |limit| {
+            let b = pad(&[five, three], 0, limit);
+            assert_eq!(b.ids.len(), 2 * b.seq);
+            assert_eq!(b.pad.iter().filter(|&&p| !p).count(), 8, "real tokens kept");
+            assert_eq!(&b.ids[..5], [2, 7, 8, 9, 3]);
+            assert_eq!(&b.ids[b.seq..b.seq + 3], [2, 9, 3]);
+            b.seq
+        };
+        assert_eq!(lengths(48), 5, "exact by default");
+        set_pad_multiple(4);
+        assert_eq!(lengths(48), 8);
+        assert_eq!(lengths(6), 6, "never past the model's positions");
+        assert_eq!(lengths(3), 5, "nor shorter than the longest sequence");
+        set_pad_multiple(0);
+        assert_eq!(lengths(48), 5, "0 counts as 1");
     }
 
     #[test]
@@ -318,7 +358,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let original = pad(&refs, 0);
+        let original = pad(&refs, 0, 128);
         let mut batch = original.clone();
         let t = mask_mlm(&mut batch, &SPECIALS, 1000, 0.15, &mut rng(7, 2, 0));
         let candidates = 400.0 * 100.0;
@@ -362,7 +402,7 @@ mod tests {
 
     #[test]
     fn ar_predicts_the_next_real_token() {
-        let b = pad(&[&[2, 7, 8, 3], &[2, 9, 3]], 0);
+        let b = pad(&[&[2, 7, 8, 3], &[2, 9, 3]], 0, 16);
         let t = ar_targets(&b);
         assert_eq!(t.positions, vec![0, 1, 2, 4, 5]);
         assert_eq!(t.targets, vec![7, 8, 3, 9, 3]);

@@ -18,7 +18,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::tasks::{dev_evaluation, ids_tensor};
 use crate::config::train::{Batching, PromptSection, SelectMetric};
-use crate::data::batch;
+use crate::data::batch::{self, Padded};
 use crate::data::read::Example;
 use crate::metrics::classification::score;
 use crate::model::LmModel;
@@ -149,19 +149,17 @@ impl Prompt {
     }
 }
 
-/// Summed log-probabilities of `targets[i]` at flat `positions[i]`, `per` consecutive entries a
-/// sum: `[positions.len() / per]`.
+/// Summed log-probabilities of `targets[i]` at flat `positions[i]` of `padded`, `per`
+/// consecutive entries a sum: `[positions.len() / per]`.
 fn summed_log_probs<B: Backend>(
     model: &LmModel<B>,
-    seqs: &[Vec<u32>],
+    padded: &Padded,
     positions: Vec<i32>,
     targets: Vec<i32>,
     per: usize,
-    pad_id: u32,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let (ids, pad) = ids_tensor::<B>(&batch::pad(&refs, pad_id), device);
+    let (ids, pad) = ids_tensor::<B>(padded, device);
     let n = positions.len();
     let pos = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), device);
     let target = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
@@ -224,8 +222,10 @@ pub fn label_scores<B: Backend>(
             .iter()
             .map(|(a, b)| prompt.encode(tok, a, b, &fill, max_len))
             .collect();
-        let width = encoded.iter().map(|(s, _)| s.len()).max().unwrap_or(1);
-        let seqs: Vec<Vec<u32>> = encoded.iter().map(|(s, _)| s.clone()).collect();
+        let refs: Vec<&[u32]> = encoded.iter().map(|(s, _)| s.as_slice()).collect();
+        // Flat positions count rows of the padded width, which may be past the longest row.
+        let padded = batch::pad(&refs, tok.specials.pad, model.backbone.max_len());
+        let width = padded.seq;
         let (mut positions, mut targets) = (Vec::new(), Vec::new());
         for &c in &group {
             for (row, (_, start)) in encoded.iter().enumerate() {
@@ -237,16 +237,8 @@ pub fn label_scores<B: Backend>(
                 }
             }
         }
-        let s = summed_log_probs(
-            model,
-            &seqs,
-            positions,
-            targets,
-            len,
-            tok.specials.pad,
-            device,
-        )
-        .reshape([group.len(), rows]);
+        let s = summed_log_probs(model, &padded, positions, targets, len, device)
+            .reshape([group.len(), rows]);
         for (gi, &c) in group.iter().enumerate() {
             columns[c] = Some(s.clone().narrow(0, gi, 1));
         }
@@ -413,6 +405,46 @@ mod tests {
         assert_eq!(short.len(), seq.len() - 2);
         assert_eq!((start2, short[start2]), (start, tok.specials.mask));
         assert_eq!(short.last(), Some(&tok.specials.sep));
+    }
+
+    /// Padding is masked, so padding to a multiple (as on GPUs) changes no label's score: the
+    /// label slots are found in rows of the padded width. Both objectives, as AR predicts each
+    /// verbalizer token from the position before it.
+    #[test]
+    fn label_scores_do_not_depend_on_the_padded_width() {
+        let _rng = crate::model::rng_lock();
+        use crate::model::LmModel;
+        type Cpu = crate::train::backend::Cpu;
+        let tok = tokenizer();
+        let labels = vec!["Negative".to_string(), "Positive".to_string()];
+        let prompt = Prompt::new(&section("{text}。很{label}"), &tok, &labels).unwrap();
+        let texts: Vec<(Vec<u32>, Vec<u32>)> = ["这个东西很好", "质量差", "不错"]
+            .iter()
+            .map(|t| (tok.ids(t).unwrap(), Vec::new()))
+            .collect();
+        let refs: Vec<&(Vec<u32>, Vec<u32>)> = texts.iter().collect();
+        let device = Default::default();
+        for causal in [false, true] {
+            let cfg = crate::model::tiny_config(tok.vocab_size, 40, causal);
+            let model = LmModel::<Cpu> {
+                backbone: cfg.init(&device),
+                head: cfg.lm_head(&device),
+            };
+            let scores = |multiple| {
+                batch::set_pad_multiple(multiple);
+                let s = label_scores(&model, &prompt, &tok, &refs, causal, 40, &device);
+                batch::set_pad_multiple(1);
+                s.into_data().to_vec::<f32>().unwrap()
+            };
+            let (exact, padded) = (scores(1), scores(16));
+            assert_eq!(exact.len(), 6);
+            for (a, b) in exact.iter().zip(&padded) {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "causal {causal}: {exact:?} against {padded:?}"
+                );
+            }
+        }
     }
 
     #[test]

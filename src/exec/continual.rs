@@ -133,7 +133,7 @@ impl<B: AutodiffBackend> Task<B> for ContinualTask<'_, B> {
         let mut loss: Option<Tensor<B, 1>> = None;
         for (task, rows) in &groups {
             let split = &self.tasks[*task].train;
-            let padded = pad_rows(split, rows, self.pad_id);
+            let padded = pad_rows(split, rows, self.pad_id, model.backbone.max_len());
             let l = class_loss(
                 &model.classifier(*task),
                 split,
@@ -274,7 +274,7 @@ fn consolidate<B: AutodiffBackend>(
     let mut sums = Vec::new();
     for i in 0..n {
         B::seed(device, rng_seed(seed, i));
-        let padded = pad_rows(split, &[i], pad_id);
+        let padded = pad_rows(split, &[i], pad_id, model.backbone.max_len());
         let loss = class_loss(&classifier, split, &[i], pool, &padded, device);
         let grads = loss.backward();
         let mut squares = Squares::<B> {

@@ -41,6 +41,8 @@ pub struct PretrainTask<'a, B: Backend> {
     pub batching: Batching,
     pub eval_batch_size: usize,
     pub seed: u64,
+    /// The model's positions: no batch is padded past them.
+    pub max_len: usize,
     pub device: B::Device,
 }
 
@@ -60,7 +62,7 @@ impl<B: Backend> PretrainTask<'_, B> {
         counter: u64,
     ) -> (Padded, Targets) {
         let refs: Vec<&[u32]> = rows.iter().map(|&i| seqs[i].as_slice()).collect();
-        let mut padded = batch::pad(&refs, self.specials.pad);
+        let mut padded = batch::pad(&refs, self.specials.pad, self.max_len);
         let targets = match self.objective {
             Objective::Ar => batch::ar_targets(&padded),
             _ => {
@@ -226,7 +228,7 @@ pub fn predict_tags<B: Backend>(
     let mut out = vec![Vec::new(); split.ids.len()];
     for chunk in batch::eval_batches(&split.lengths(), batch_size) {
         let refs: Vec<&[u32]> = chunk.iter().map(|&i| split.ids[i].as_slice()).collect();
-        let padded = batch::pad(&refs, pad_id);
+        let padded = batch::pad(&refs, pad_id, model.backbone.max_len());
         let (positions, _) = tagged.gather(&chunk, padded.seq);
         let (ids, pad) = ids_tensor::<B>(&padded, device);
         let logits = model.forward_tokens(ids, pad, int_tensor::<B>(&positions, device));
@@ -253,7 +255,8 @@ pub fn predict<B: Backend>(
     let mut out = vec![0; split.ids.len()];
     for chunk in batch::eval_batches(&split.lengths(), batch_size) {
         let refs: Vec<&[u32]> = chunk.iter().map(|&i| split.ids[i].as_slice()).collect();
-        let (ids, pad) = ids_tensor::<B>(&batch::pad(&refs, pad_id), device);
+        let (ids, pad) =
+            ids_tensor::<B>(&batch::pad(&refs, pad_id, model.backbone.max_len()), device);
         let predicted = model.forward(ids, pad, pool).argmax(1).into_data();
         let predicted = predicted.convert::<i64>();
         for (&i, c) in chunk.iter().zip(predicted.iter::<i64>()) {
@@ -306,7 +309,7 @@ impl<B: AutodiffBackend> Task<B> for FinetuneTask<'_, B> {
     }
 
     fn loss(&self, model: &Classifier<B>, rows: &Vec<usize>) -> Tensor<B, 1> {
-        let padded = pad_rows(self.train, rows, self.pad_id);
+        let padded = pad_rows(self.train, rows, self.pad_id, model.backbone.max_len());
         let Some(tagged) = &self.train.tagged else {
             return class_loss(model, self.train, rows, self.pool, &padded, &self.device);
         };
@@ -357,10 +360,10 @@ pub fn class_loss<B: Backend>(
     )
 }
 
-/// Pads `rows` of `split` into one batch.
-pub fn pad_rows(split: &Labelled, rows: &[usize], pad_id: u32) -> Padded {
+/// Pads `rows` of `split` into one batch for a model of `limit` positions.
+pub fn pad_rows(split: &Labelled, rows: &[usize], pad_id: u32, limit: usize) -> Padded {
     let refs: Vec<&[u32]> = rows.iter().map(|&i| split.ids[i].as_slice()).collect();
-    batch::pad(&refs, pad_id)
+    batch::pad(&refs, pad_id, limit)
 }
 
 /// A dev split's scores as the training loop sees them: the selection score and the records.
@@ -521,6 +524,7 @@ mod tests {
     /// state covers the LoRA matrices and the head, not the frozen backbone.
     #[test]
     fn optimiser_state_exists_only_for_trainable_parameters() {
+        let _rng = crate::model::rng_lock();
         use burn::optim::{GradientsParams, Optimizer};
         use burn::tensor::{Int, TensorData};
         let device = Default::default();

@@ -570,6 +570,7 @@ fn pretrain_stage<B: AutodiffBackend>(
         batching: p.batching,
         eval_batch_size: exp.raw.eval.batch_size,
         seed,
+        max_len: exp.raw.model.max_len,
         device: device.clone(),
     };
     let per_epoch = train.len().div_ceil(p.batch_size).max(1);

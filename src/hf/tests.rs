@@ -31,6 +31,7 @@ fn config(family: Family) -> BackboneConfig {
 
 /// A model whose every parameter (LayerNorms included) is random, so a mix-up shows.
 fn random_parts(cfg: &BackboneConfig, head: HeadKind) -> Parts<Cpu> {
+    let _rng = crate::model::rng_lock();
     let device = Default::default();
     let mut parts = Parts {
         backbone: cfg.init::<Cpu>(&device),

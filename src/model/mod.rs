@@ -222,6 +222,13 @@ impl BackboneConfig {
 }
 
 impl<B: Backend> Backbone<B> {
+    /// The longest sequence it reads: the rows of its position table past the family's offset.
+    pub fn max_len(&self) -> usize {
+        // `lazy_shape`: reading the shape must not initialise a lazy parameter (a seed's draws
+        // would come out of turn).
+        self.positions.weight.lazy_shape()[0] - self.position_offset
+    }
+
     /// `ids`: `[batch, seq]`; `pad`: `[batch, seq]`, true at padding. Returns `[batch, seq, d_model]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
         let [batch, seq] = ids.dims();
@@ -341,6 +348,37 @@ pub fn segment_ids<B: Backend>(ids: Tensor<B, 2, Int>, sep: u32, rows: usize) ->
     (is_sep.clone().cumsum(1) - is_sep).clamp_max(rows.clamp(1, 2) as i64 - 1)
 }
 
+/// Held by every unit test that draws from burn's random generator, which is one per process
+/// (seeding it, initialising a model, sampling): tests run side by side, and a draw made between
+/// another test's seed and its initialisation would change that test's weights.
+#[cfg(test)]
+pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A two-layer pre-norm backbone of width 16 without dropout, for unit tests.
+#[cfg(test)]
+pub(crate) fn tiny_config(vocab_size: usize, max_len: usize, causal: bool) -> BackboneConfig {
+    BackboneConfig {
+        vocab_size,
+        d_model: 16,
+        layers: 2,
+        heads: 2,
+        d_ff: 32,
+        max_len,
+        dropout: 0.0,
+        pre_norm: true,
+        causal,
+        segments: None,
+        type_vocab: 2,
+        family: Family::Xrun,
+        norm_eps: 1e-5,
+        gelu_tanh: false,
+        pooler: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +397,7 @@ mod tests {
 
     #[test]
     fn parameter_count_matches_burn() {
+        let _rng = crate::model::rng_lock();
         use burn::module::Module;
         let cfg = config(false);
         assert_eq!(
@@ -372,24 +411,56 @@ mod tests {
         );
     }
 
-    fn config(causal: bool) -> BackboneConfig {
-        BackboneConfig {
-            vocab_size: 50,
-            d_model: 16,
-            layers: 2,
-            heads: 2,
-            d_ff: 32,
-            max_len: 16,
-            dropout: 0.0,
-            pre_norm: true,
-            causal,
-            segments: None,
-            type_vocab: 2,
-            family: Family::Xrun,
-            norm_eps: 1e-5,
-            gelu_tanh: false,
-            pooler: false,
+    /// Padding is masked: a batch padded past its longest row (as GPUs pad to multiples) gives
+    /// every pooling the same class logits, bidirectional and causal.
+    #[test]
+    fn longer_padding_changes_no_classification() {
+        let _rng = crate::model::rng_lock();
+        use crate::data::batch;
+        let device = Default::default();
+        let rows: [&[u32]; 3] = [&[2, 7, 8, 9, 3], &[2, 11, 3], &[2, 5, 6, 3]];
+        for causal in [false, true] {
+            let cfg = config(causal);
+            let model = Classifier::<Flex> {
+                backbone: cfg.init(&device),
+                head: ClassifierHead::new(cfg.d_model, 3, 0.0, true, &device),
+            };
+            for pool in [Pool::First, Pool::Last, Pool::Mean] {
+                let logits = |multiple| {
+                    batch::set_pad_multiple(multiple);
+                    let b = batch::pad(&rows, 0, cfg.max_len);
+                    batch::set_pad_multiple(1);
+                    let ids = Tensor::<Flex, 2, Int>::from_data(
+                        TensorData::new(b.ids, [b.batch, b.seq]),
+                        &device,
+                    );
+                    let pad = Tensor::<Flex, 2, Bool>::from_data(
+                        TensorData::new(b.pad, [b.batch, b.seq]),
+                        &device,
+                    );
+                    (
+                        b.seq,
+                        model
+                            .forward(ids, pad, pool)
+                            .into_data()
+                            .to_vec::<f32>()
+                            .unwrap(),
+                    )
+                };
+                let ((w1, exact), (w2, padded)) = (logits(1), logits(8));
+                assert_eq!((w1, w2), (5, 8));
+                for (a, b) in exact.iter().zip(&padded) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "causal {causal}, {pool:?}: {exact:?} against {padded:?}"
+                    );
+                }
+            }
         }
+    }
+
+    fn config(causal: bool) -> BackboneConfig {
+        tiny_config(50, 16, causal)
     }
 
     fn lora_everywhere() -> crate::config::train::LoraSection {
@@ -405,6 +476,7 @@ mod tests {
     /// LoRA and adapters start as the identity: the backbone's function is unchanged.
     #[test]
     fn lora_and_adapters_start_where_the_backbone_is() {
+        let _rng = crate::model::rng_lock();
         let device = Default::default();
         Flex::seed(&device, 9);
         let base = config(false).init::<Flex>(&device);
@@ -422,6 +494,7 @@ mod tests {
     /// Merged LoRA weights give the same outputs as the separate low-rank updates.
     #[test]
     fn merged_lora_predicts_like_unmerged_lora() {
+        let _rng = crate::model::rng_lock();
         let device = Default::default();
         Flex::seed(&device, 4);
         for causal in [false, true] {
@@ -470,6 +543,7 @@ mod tests {
     /// Prefixes are seen by every position, and a causal backbone stays causal with them.
     #[test]
     fn prefixes_keep_causal_attention_causal() {
+        let _rng = crate::model::rng_lock();
         let device = Default::default();
         Flex::seed(&device, 6);
         let base = config(true).init::<Flex>(&device);
@@ -488,6 +562,7 @@ mod tests {
 
     #[test]
     fn segments_number_sentence_b_from_the_first_sep() {
+        let _rng = crate::model::rng_lock();
         let device = Default::default();
         let ids = Tensor::<Flex, 2, Int>::from_data(
             TensorData::new(vec![2, 10, 11, 3, 20, 21, 3, 2, 10, 3, 0, 0, 0, 0], [2, 7]),
@@ -522,6 +597,7 @@ mod tests {
     /// gradients of the uncut model; uncut, the loss is burn's `CrossEntropyLoss` to the bit.
     #[test]
     fn work_cut_to_the_buffer_limit_computes_what_the_whole_does() {
+        let _rng = crate::model::rng_lock();
         use crate::model::pieces::set_max_buffer;
         use burn::nn::loss::CrossEntropyLossConfig;
         use burn::tensor::ElementConversion;
@@ -593,6 +669,7 @@ mod tests {
     /// while parameters and their gradients stay f32 and follow the f32 model's closely.
     #[test]
     fn mixed_precision_computes_in_bf16_and_keeps_f32_weights_and_gradients() {
+        let _rng = crate::model::rng_lock();
         use crate::model::mixed::set_compute;
         use burn::tensor::{DType, ElementConversion, FloatDType};
         let device = Default::default();
@@ -671,6 +748,7 @@ mod tests {
     /// Causal masking: changing a token changes no output at earlier positions.
     #[test]
     fn a_causal_token_never_sees_its_successor() {
+        let _rng = crate::model::rng_lock();
         let device = Default::default();
         Flex::seed(&device, 3);
         let model = config(true).init::<Flex>(&device);
@@ -684,6 +762,7 @@ mod tests {
     /// Without the causal mask the same change does reach earlier positions.
     #[test]
     fn bidirectional_attention_sees_everything() {
+        let _rng = crate::model::rng_lock();
         let device = Default::default();
         Flex::seed(&device, 3);
         let model = config(false).init::<Flex>(&device);
@@ -695,6 +774,7 @@ mod tests {
     /// Padding keys are invisible: appending pads leaves real positions unchanged.
     #[test]
     fn padding_is_masked() {
+        let _rng = crate::model::rng_lock();
         let device = Default::default();
         Flex::seed(&device, 5);
         let model = config(false).init::<Flex>(&device);

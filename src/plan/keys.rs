@@ -118,6 +118,10 @@ fn is_first(rev: &u32) -> bool {
     *rev == 1
 }
 
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
 #[derive(Serialize)]
 struct Source<'a> {
     format: Format,
@@ -153,6 +157,10 @@ struct PretrainInputs<'a> {
     /// Absent at f32, so earlier keys hold.
     #[serde(skip_serializing_if = "Precision::is_f32")]
     precision: Precision,
+    /// The multiple batches are padded to; absent at 1 (exact, the CPU's default), so earlier
+    /// keys hold.
+    #[serde(skip_serializing_if = "is_one")]
+    pad_multiple: usize,
     seed: u64,
     tokenizer: &'a str,
     model: &'a ModelSection,
@@ -175,6 +183,10 @@ struct FinetuneInputs<'a> {
     /// Absent at f32, so earlier keys hold.
     #[serde(skip_serializing_if = "Precision::is_f32")]
     precision: Precision,
+    /// The multiple batches are padded to; absent at 1 (exact, the CPU's default), so earlier
+    /// keys hold.
+    #[serde(skip_serializing_if = "is_one")]
+    pad_multiple: usize,
     seed: u64,
     tokenizer: &'a str,
     pretrain: Option<&'a str>,
@@ -306,6 +318,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         texts: source(exp, d.corpus.as_ref().unwrap_or(&d.train), hashes)?,
     });
     let backend = crate::train::backend::concrete(raw.experiment.backend, &exp.gpu_setup());
+    let pad_multiple = crate::train::backend::pad_multiple(backend, &exp.gpu_setup());
     let seed = raw.experiment.seed;
     let pretrain = match (&d.corpus, raw.pretrain.objective) {
         (Some(corpus), objective) if objective != Objective::None => {
@@ -318,6 +331,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
                 rev: PRETRAIN_REV,
                 backend,
                 precision: raw.experiment.precision,
+                pad_multiple,
                 seed,
                 tokenizer: &tokenizer.hash,
                 model: &raw.model,
@@ -364,6 +378,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         rev: FINETUNE_REV,
         backend,
         precision: raw.experiment.precision,
+        pad_multiple,
         seed,
         tokenizer: &tokenizer.hash,
         pretrain: pretrain.as_ref().map(|k| k.hash.as_str()),

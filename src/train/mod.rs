@@ -572,7 +572,7 @@ mod tests {
 
         fn loss(&self, model: &Linear<CpuTrain>, batch: &usize) -> Tensor<CpuTrain, 1> {
             let long = vec![7u32; batch + 1];
-            crate::data::batch::pad(&[&long, &[7]], 0);
+            crate::data::batch::pad(&[&long, &[7]], 0, 64);
             let out = model.forward(Tensor::<CpuTrain, 2>::ones([1, 2], &self.device()));
             out.sum().reshape([1])
         }
@@ -581,7 +581,7 @@ mod tests {
             &self,
             _model: &Linear<<CpuTrain as AutodiffBackend>::InnerBackend>,
         ) -> Evaluation {
-            crate::data::batch::pad(&[&[7; 40], &[7]], 0);
+            crate::data::batch::pad(&[&[7; 40], &[7]], 0, 64);
             Evaluation::default()
         }
 
@@ -592,6 +592,7 @@ mod tests {
 
     #[test]
     fn throughput_counts_the_steps_after_the_first_and_leaves_evaluation_out() {
+        let _rng = crate::model::rng_lock();
         let budget = Budget {
             max_steps: 10,
             max_epochs: 2,
