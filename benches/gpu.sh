@@ -11,13 +11,19 @@
 #      PyTorch eager f32 and bf16 autocast (goal 1), xrun bf16-mixed (autocast's split: bf16
 #      products, f32 weights; cold, as its kernels tune apart), then xrun pure bf16;
 #   2. with E2E=1, instead of the benchmarks: the end-to-end comparison (goal 2), the headline
-#      pipeline in xrun and in PyTorch + transformers (about 2 x 600 s: run it as its own call).
+#      pipeline in xrun and in PyTorch + transformers (about 2 x 600 s: run it as its own call);
+#   3. with PROFILE=1, instead of the benchmarks: per shape, xrun f32 (5 steps, on the caches of
+#      an earlier call with the same OUT, else tuning first) under CubeCL's profiling logger, and
+#      where the kernels' time goes (benches/profile_summary.py) in $OUT/profile-<shape>.jsonl.
 # Output: JSON lines in $OUT/bench.jsonl (default bench-out/), one per shape x implementation, the
 # logs beside them, and nvidia-smi's view of the GPU in gpu.txt.
 #
 #   XRUN=path/to/xrun OUT=dir SHAPES="bert-base bert-mini" STEPS=30 BUDGET=540 bash benches/gpu.sh
 #   E2E=1 BUDGET=1200 bash benches/gpu.sh
 #   E2E=1 OBJECTIVES=none BUDGET=300 bash benches/gpu.sh     # the none row alone
+#   PROFILE=1 SHAPES=bert-base BUDGET=300 bash benches/gpu.sh  # where xrun's step time goes
+# BACKEND (default cuda) and PROFILE_SIZES (xrun bench's size options) exist to try the script
+# on wgpu without a GPU.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 XRUN=${XRUN:-target/release/xrun}
@@ -27,6 +33,8 @@ STEPS=${STEPS:-30}
 PY=${PYTHON:-python3}
 DEADLINE=$((SECONDS + ${BUDGET:-540}))
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BACKEND=${BACKEND:-cuda}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 
 # Runs "$@" with a timeout of at most $1 seconds and what is left of the budget; records a JSON
@@ -62,9 +70,25 @@ if [ "${E2E:-0}" = 1 ]; then
 fi
 
 common=(--steps "$STEPS" --warmup 5 --batch 32 --seq 128 --min-len 16 --vocab 21128)
+if [ "${PROFILE:-0}" = 1 ]; then
+  # CubeCL reads cubecl.toml from the working directory: run from a folder holding one.
+  case $XRUN in /*) ;; *) XRUN=$(pwd)/$XRUN ;; esac
+  prof=$(mktemp -d)
+  read -r -a sizes <<< "${PROFILE_SIZES:---batch 32 --seq 128 --min-len 16 --vocab 21128}"
+  for shape in $SHAPES; do
+    log="$prof/$shape.log"
+    printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$log" > "$prof/cubecl.toml"
+    (cd "$prof" && capped 300 "xrun $shape f32 (profiled)" "xrun-$shape-profile.log" \
+      "$XRUN" bench --backend "$BACKEND" --shape "$shape" --steps 5 --warmup 2 "${sizes[@]}" \
+      --cache-dir "$OUT/cache")
+    "$PY" benches/profile_summary.py "$log" > "$OUT/profile-$shape.jsonl" 2>> "$OUT/profile.err"
+    head -n 12 "$OUT/profile-$shape.jsonl" | cut -c1-240
+  done
+  exit 0
+fi
 xrun_bench() { # SHAPE PASS PRECISION
   capped 240 "xrun $1 $3 ($2 caches)" "xrun-$1-$2-$3.log" \
-    "$XRUN" bench --backend cuda --precision "$3" --shape "$1" "${common[@]}" --cache-dir "$OUT/cache"
+    "$XRUN" bench --backend "$BACKEND" --precision "$3" --shape "$1" "${common[@]}" --cache-dir "$OUT/cache"
 }
 torch_bench() { # SHAPE PRECISION
   capped 120 "pytorch $1 $2" "torch-$1.log" \
