@@ -22,7 +22,7 @@
 #   E2E=1 BUDGET=1200 bash benches/gpu.sh
 #   E2E=1 OBJECTIVES=none BUDGET=300 bash benches/gpu.sh     # the none row alone
 #   PROFILE=1 SHAPES=bert-base BUDGET=300 bash benches/gpu.sh  # where xrun's step time goes
-# BACKEND (default cuda) and PROFILE_SIZES (xrun bench's size options) exist to try the script
+# BACKEND (default cuda) and SIZES (the size options of every bench run) exist to try the script
 # on wgpu without a GPU.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -69,12 +69,12 @@ if [ "${E2E:-0}" = 1 ]; then
   exit 0
 fi
 
-common=(--steps "$STEPS" --warmup 5 --batch 32 --seq 128 --min-len 16 --vocab 21128)
+read -r -a sizes <<< "${SIZES:---batch 32 --seq 128 --min-len 16 --vocab 21128}"
+common=(--steps "$STEPS" --warmup 5 "${sizes[@]}")
 if [ "${PROFILE:-0}" = 1 ]; then
   # CubeCL reads cubecl.toml from the working directory: run from a folder holding one.
   case $XRUN in /*) ;; *) XRUN=$(pwd)/$XRUN ;; esac
   prof=$(mktemp -d)
-  read -r -a sizes <<< "${PROFILE_SIZES:---batch 32 --seq 128 --min-len 16 --vocab 21128}"
   for shape in $SHAPES; do
     log="$prof/$shape.log"
     printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$log" > "$prof/cubecl.toml"

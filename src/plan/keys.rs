@@ -318,7 +318,8 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         texts: source(exp, d.corpus.as_ref().unwrap_or(&d.train), hashes)?,
     });
     let backend = crate::train::backend::concrete(raw.experiment.backend, &exp.gpu_setup());
-    let pad_multiple = crate::train::backend::pad_multiple(backend, &exp.gpu_setup());
+    let gpu = backend != BackendChoice::Cpu;
+    let pad_multiple = crate::train::backend::pad_multiple(gpu, raw.experiment.pad_multiple);
     let seed = raw.experiment.seed;
     let pretrain = match (&d.corpus, raw.pretrain.objective) {
         (Some(corpus), objective) if objective != Objective::None => {

@@ -30,7 +30,7 @@ pub struct DeviceInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_buffer: Option<u64>,
     /// Batches are padded to a multiple of this many positions (1, exact, is not recorded):
-    /// `experiment.pad_multiple`, else `GPU_PAD_MULTIPLE` on a GPU.
+    /// `experiment.pad_multiple`, else `GPU_PAD_MULTIPLE` on a GPU. Set by `start`.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub pad_multiple: usize,
     /// burn's device memory pools on a GPU backend (None on the CPU).
@@ -146,12 +146,13 @@ pub struct GpuSetup {
 /// three lengths for 48 positions and eight for 128, for about 7.5 more padded positions per row.
 pub const GPU_PAD_MULTIPLE: usize = 16;
 
-/// The multiple batches are padded to on `backend` (a concrete one: `concrete` resolves `auto`).
-pub fn pad_multiple(backend: BackendChoice, setup: &GpuSetup) -> usize {
-    match (setup.pad_multiple, backend) {
-        (Some(m), _) => m.max(1),
-        (None, BackendChoice::Cpu) => 1,
-        (None, _) => GPU_PAD_MULTIPLE,
+/// The multiple batches are padded to: `explicit` (`experiment.pad_multiple`), else
+/// `GPU_PAD_MULTIPLE` on a GPU backend and 1 (exact) on the CPU.
+pub fn pad_multiple(gpu: bool, explicit: Option<usize>) -> usize {
+    match explicit {
+        Some(m) => m.max(1),
+        None if gpu => GPU_PAD_MULTIPLE,
+        None => 1,
     }
 }
 
@@ -177,27 +178,19 @@ pub fn dispatch<J: Job>(
         threads,
         ..DeviceInfo::default()
     };
-    let with = |mut info: DeviceInfo, backend| {
-        info.pad_multiple = pad_multiple(backend, setup);
-        info
-    };
-    let (cpu_info, cuda, wgpu) = (
-        || with(cpu(), BackendChoice::Cpu),
-        || probe_cuda(setup).map(|i| with(i, BackendChoice::Cuda)),
-        || probe_wgpu(setup).map(|i| with(i, BackendChoice::Wgpu)),
-    );
+    let pad = setup.pad_multiple;
     match choice {
-        BackendChoice::Cpu => start::<CpuTrain, J>(job, cpu_info(), precision),
-        BackendChoice::Cuda => start::<CudaTrain, J>(job, cuda()?, precision),
-        BackendChoice::Wgpu => start::<WgpuTrain, J>(job, wgpu()?, precision),
+        BackendChoice::Cpu => start::<CpuTrain, J>(job, cpu(), precision, pad),
+        BackendChoice::Cuda => start::<CudaTrain, J>(job, probe_cuda(setup)?, precision, pad),
+        BackendChoice::Wgpu => start::<WgpuTrain, J>(job, probe_wgpu(setup)?, precision, pad),
         BackendChoice::Auto => {
-            if let Ok(info) = cuda() {
-                return start::<CudaTrain, J>(job, info, precision);
+            if let Ok(info) = probe_cuda(setup) {
+                return start::<CudaTrain, J>(job, info, precision, pad);
             }
-            if let Ok(info) = wgpu() {
-                return start::<WgpuTrain, J>(job, info, precision);
+            if let Ok(info) = probe_wgpu(setup) {
+                return start::<WgpuTrain, J>(job, info, precision, pad);
             }
-            start::<CpuTrain, J>(job, cpu_info(), precision)
+            start::<CpuTrain, J>(job, cpu(), precision, pad)
         }
     }
 }
@@ -205,11 +198,13 @@ pub fn dispatch<J: Job>(
 /// Makes `precision`'s storage type the float type of every tensor created on `B`'s default
 /// device from now on (and, when mixed, its half type the one products are computed in), then
 /// runs `job` there. Burn keeps one such setting per device and process, fixed by the first
-/// tensor created: the probes create theirs with an explicit f32, so they fix nothing.
+/// tensor created: the probes create theirs with an explicit f32, so they fix nothing. Batches are
+/// padded to a multiple of `pad`, else of the device kind's default (`pad_multiple`).
 fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
     job: J,
     mut info: DeviceInfo,
     precision: Precision,
+    pad: Option<usize>,
 ) -> Result<J::Output, BackendError> {
     use burn::tensor::{get_device_settings, set_default_dtypes, FloatDType, IntDType};
     let device = B::Device::default();
@@ -245,6 +240,7 @@ fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
     }
     info.precision = precision.name().into();
     crate::model::pieces::set_max_buffer(info.max_buffer);
+    info.pad_multiple = pad_multiple(info.pools.is_some(), pad);
     crate::data::batch::set_pad_multiple(info.pad_multiple);
     crate::model::mixed::set_compute(compute);
     if info.pools.is_none() {
@@ -503,8 +499,8 @@ fn start_cuda(setup: &GpuSetup) -> Result<DeviceInfo, String> {
         threads: 0,
         precision: String::new(),
         max_buffer: max_buffer::<cubecl_cuda::CudaRuntime>(),
-        pad_multiple: GPU_PAD_MULTIPLE,
         pools: Some(Pools::of::<cubecl_cuda::CudaRuntime>()),
+        ..DeviceInfo::default()
     })
 }
 
@@ -555,7 +551,7 @@ fn start_wgpu(setup: &GpuSetup) -> Result<DeviceInfo, String> {
         threads: 0,
         precision: String::new(),
         max_buffer: max_buffer::<burn::backend::wgpu::WgpuRuntime>(),
-        pad_multiple: GPU_PAD_MULTIPLE,
         pools: Some(Pools::of::<burn::backend::wgpu::WgpuRuntime>()),
+        ..DeviceInfo::default()
     })
 }
