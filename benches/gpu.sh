@@ -21,6 +21,7 @@
 #   XRUN=path/to/xrun OUT=dir SHAPES="bert-base bert-mini" STEPS=30 BUDGET=540 bash benches/gpu.sh
 #   E2E=1 BUDGET=1200 bash benches/gpu.sh
 #   E2E=1 OBJECTIVES=none BUDGET=300 bash benches/gpu.sh     # the none row alone
+#   E2E=1 JOBS=4 BUDGET=600 bash benches/gpu.sh             # xrun runs 4 trials at once (--jobs)
 #   PROFILE=1 SHAPES=bert-base BUDGET=300 bash benches/gpu.sh  # where xrun's step time goes
 # BACKEND (default cuda) and SIZES (the size options of every bench run) exist to try the script
 # on wgpu without a GPU.
@@ -59,7 +60,7 @@ if [ "${E2E:-0}" = 1 ]; then
   grid=\"${objectives//,/\",\"}\"
   half=$(((DEADLINE - SECONDS) / 2))
   /usr/bin/time -f "xrun wall %e s" timeout "$half" "$XRUN" experiments/clue_tnews.toml -q \
-    --backend cuda --set model.norm=post --set "sweep.grid={\"pretrain.objective\"=[$grid]}" \
+    --jobs "${JOBS:-1}" --backend cuda --set model.norm=post --set "sweep.grid={\"pretrain.objective\"=[$grid]}" \
     --set experiment.output_dir="$OUT/e2e" > "$OUT/e2e-xrun.log" 2>&1
   cp "$OUT/e2e/clue_tnews/tables/tnews_test_accuracy.md" "$OUT/e2e-xrun-table.md" 2>/dev/null
   /usr/bin/time -f "pytorch wall %e s" timeout $((DEADLINE - SECONDS)) "$PY" benches/e2e_hf.py \

@@ -144,6 +144,13 @@ pub struct RunArgs {
     /// Stop each trial after this shared stage (a cluster stage job).
     #[arg(long, value_enum)]
     pub until: Option<exec::Until>,
+    /// Run up to N trials at once, each in its own process (logs in `<run dir>/logs/`): the
+    /// sweep's job graph run on this machine, shared stages first. Trials that already have a
+    /// result are not run again. 1 (the default) runs every trial in this process.
+    #[arg(long, short = 'j', value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..),
+          conflicts_with_all = ["trial", "shard", "until"])]
+    pub jobs: u32,
 }
 
 #[derive(Args, Debug)]
@@ -471,7 +478,20 @@ fn run(args: &RunArgs) -> ExitCode {
         select,
         until: args.until,
     };
-    match exec::run(&exp, &trials, &opts) {
+    let result = if args.jobs > 1 {
+        let sets = args.file.overrides();
+        let local = crate::cluster::local::LocalOptions {
+            file: &args.file.file,
+            sets: &sets,
+            jobs: args.jobs as usize,
+            quiet: args.quiet,
+        };
+        exec::keys(&trials)
+            .and_then(|keys| crate::cluster::local::run(&exp, &trials, &keys, &local))
+    } else {
+        exec::run(&exp, &trials, &opts)
+    };
+    match result {
         Ok(outcome) => {
             if let Some((name, value)) = outcome.test_score {
                 eprintln!("test {name}: {:.2}%", value * 100.0);

@@ -1383,7 +1383,7 @@ fn zero_shot_and_prompt_based_fine_tuning_score_labels_through_the_prompt() {
 }
 
 #[test]
-fn shards_running_side_by_side_merge_to_the_whole_runs_results() {
+fn shards_or_parallel_jobs_merge_to_the_whole_runs_results() {
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let fixture = "tests/fixtures/sweeps/cluster.toml";
@@ -1420,15 +1420,127 @@ fn shards_running_side_by_side_merge_to_the_whole_runs_results() {
     let pids: std::collections::HashSet<u64> = j.iter().filter_map(|e| e["pid"].as_u64()).collect();
     assert_eq!(pids.len(), 2);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap();
-    assert_eq!(
-        read(&run.join("results.csv")),
-        read(&whole.join("cluster_tiny/results.csv"))
+    // The study's results and paper table are the whole run's, and the report is complete.
+    let same_as_whole = |run: &Path| {
+        for file in ["results.csv", "tables/accuracy.md"] {
+            let whole = whole.join("cluster_tiny").join(file);
+            assert_eq!(read(&run.join(file)), read(&whole), "{file}");
+        }
+        assert!(!read(&run.join("index.html")).contains("Partial report"));
+    };
+    same_as_whole(&run);
+
+    // `--jobs 3`: the same job graph run by one xrun, three processes at a time: the tokenizer,
+    // then the pretraining, each once, then the four trials, each in its own process.
+    let parallel = tmp.join("parallel");
+    let jobs = |extra: &[&str]| {
+        let out = set(&parallel);
+        let mut args = vec![fixture, "--jobs", "3", "--set", out.as_str()];
+        args.extend_from_slice(extra);
+        xrun(&root(), &args)
+    };
+    let o = jobs(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = parallel.join("cluster_tiny");
+    let said = stderr(&o);
+    assert!(
+        said.contains("4 of 4 trials to run, 3 processes at a time"),
+        "{said}"
     );
+    assert!(said.contains("[4/4] "), "{said}");
     assert_eq!(
-        read(&run.join("tables/accuracy.md")),
-        read(&whole.join("cluster_tiny/tables/accuracy.md"))
+        String::from_utf8_lossy(&o.stdout).trim(),
+        run.join("index.html").display().to_string()
     );
-    assert!(!read(&run.join("index.html")).contains("Partial report"));
+    let j = journal(&run);
+    assert_eq!(events(&j, None, "tokenizer", "done"), 1, "{j:?}");
+    assert_eq!(events(&j, None, "pretrain", "done"), 1, "{j:?}");
+    assert_eq!(events(&j, None, "finetune", "done"), 4, "{j:?}");
+    let pids: std::collections::HashSet<u64> = j.iter().filter_map(|e| e["pid"].as_u64()).collect();
+    assert_eq!(
+        pids.len(),
+        6,
+        "a process per stage job and per trial: {j:?}"
+    );
+    let logs = std::fs::read_dir(run.join("logs")).unwrap().count();
+    assert_eq!(logs, 6);
+    same_as_whole(&run);
+    // Run again: every trial has its result, nothing starts.
+    let o = jobs(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("0 of 4 trials to run (4 already have a result)"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(journal(&run).len(), j.len());
+
+    // A shared stage that fails: each trial tries it, fails and says why; the run exits 1.
+    let broken = tmp.join("no_mask.json");
+    let tokenizer = read(&run.join("trials/epochs=2_lr=0.001/tokenizer.json"));
+    std::fs::write(&broken, tokenizer.replace("[MASK]", "[MASQ]")).unwrap();
+    let path = format!("tokenizer.path={}", broken.display());
+    let o = jobs(&["--set", "tokenizer.kind=file", "--set", &path]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(said.contains("the tokenizer failed"), "{said}");
+    assert!(
+        said.contains(
+            "error: 4 of 4 trials failed; the first, epochs=2_lr=0.001: stage `tokenizer` failed"
+        ),
+        "{said}"
+    );
+    assert!(said.contains("has no [MASK] token"), "{said}");
+
+    // Killed while its pretraining runs: the process training it ends with it (left alone, it
+    // would finish in about a second), and the same command finishes the sweep with the whole
+    // run's results.
+    let killed = tmp.join("killed");
+    let out = set(&killed);
+    let mut parent = Command::new(XRUN)
+        .current_dir(root())
+        .args([fixture, "-q", "--jobs", "2", "--set", &out])
+        .env_remove("XRUN_DATA_ROOT")
+        .spawn()
+        .unwrap();
+    let run = killed.join("cluster_tiny");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while events(&journal(&run), None, "pretrain", "start") == 0 {
+        assert!(parent.try_wait().unwrap().is_none(), "finished too early");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pretraining never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let alive = |pid: &u64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    };
+    let pids: Vec<u64> = journal(&run)
+        .iter()
+        .filter_map(|e| e["pid"].as_u64())
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids.iter().any(alive) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes outlived the run: {:?}",
+            pids.iter().filter(|p| alive(p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(events(&journal(&run), None, "pretrain", "done"), 0);
+    let o = xrun(&root(), &[fixture, "--jobs", "2", "--set", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("0 of 4 trials to run"),
+        "{}",
+        stderr(&o)
+    );
+    same_as_whole(&run);
 }
 
 #[test]

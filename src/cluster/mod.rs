@@ -2,8 +2,10 @@
 //! yet (a tokenizer, each distinct pretraining) is a job of its own, and the trials are job arrays,
 //! one per upstream job they wait for. Every job is `xrun run FILE --trial ID [--until STAGE]`
 //! against the same run and cache directories, so the cache locks, the journal and the merged
-//! study are what keep concurrent jobs apart. `slurm` submits the graph and reads its state back.
+//! study are what keep concurrent jobs apart. `slurm` submits the graph and reads its state back;
+//! `local` runs it on this machine, several processes at once (`xrun run FILE --jobs N`).
 
+pub mod local;
 pub mod slurm;
 
 use std::collections::HashMap;

@@ -319,10 +319,10 @@ fn run_on<B: AutodiffBackend>(
             Some(until) if r.status == TrialStatus::Done => {
                 log(opts, &format!("{label}: {} done", until.name()));
             }
-            Some(_) => log(opts, &trial_line(&label, &r)),
+            Some(_) => log(opts, &trial_line(&label, &r.status, &r.summary, &r.store)),
             None => {
                 write_trial(&run_dir, t, k, &cache, &r)?;
-                log(opts, &trial_line(&label, &r));
+                log(opts, &trial_line(&label, &r.status, &r.summary, &r.store));
             }
         }
         runs.push(r);
@@ -334,7 +334,23 @@ fn run_on<B: AutodiffBackend>(
             };
         }
     }
-    let failures: Vec<(&String, &TrialStatus)> = outcome_trials
+    let test_score = match runs.as_slice() {
+        [one] => headline(&one.store, "test"),
+        _ => None,
+    };
+    conclude(run_dir, report, trials.len(), outcome_trials, test_score)
+}
+
+/// The outcome of the trials a run ran (`statuses`, in order): an error when any failed, or when
+/// all diverged; otherwise the report and, for a single trial, its test score.
+pub(crate) fn conclude(
+    run_dir: PathBuf,
+    report: PathBuf,
+    total: usize,
+    statuses: Vec<(String, TrialStatus)>,
+    test_score: Option<(&'static str, f64)>,
+) -> Result<Outcome, RunError> {
+    let failures: Vec<(&String, &TrialStatus)> = statuses
         .iter()
         .filter(|(_, s)| matches!(s, TrialStatus::Failed { .. }))
         .map(|(id, s)| (id, s))
@@ -349,13 +365,13 @@ fn run_on<B: AutodiffBackend>(
     )) = failures.first()
     {
         let first = format!("stage `{stage}` failed: {message}");
-        let message = if trials.len() == 1 {
+        let message = if total == 1 {
             first
         } else {
             format!(
                 "{} of {} trials failed; the first, {id}: {first}",
                 failures.len(),
-                trials.len()
+                total
             )
         };
         return Err(RunError::Trials {
@@ -363,44 +379,46 @@ fn run_on<B: AutodiffBackend>(
             code: *code,
         });
     }
-    if !runs.is_empty() && !runs.iter().any(|r| r.status == TrialStatus::Done) {
-        let what = if runs.len() == 1 {
+    if !statuses.is_empty() && !statuses.iter().any(|(_, s)| *s == TrialStatus::Done) {
+        let what = if statuses.len() == 1 {
             "the trial diverged".to_string()
         } else {
-            format!("all {} trials diverged", runs.len())
+            format!("all {} trials diverged", statuses.len())
         };
         return Err(RunError::Trials {
             message: format!("{what}; see {}", report.display()),
             code: 1,
         });
     }
-    let test_score = match runs.as_slice() {
-        [one] => headline(&one.store, "test"),
-        _ => None,
-    };
     Ok(Outcome {
         run_dir,
         report,
-        trials: outcome_trials,
+        trials: statuses,
         test_score,
     })
 }
 
 /// A split's headline score: entity F1 for token classification, accuracy otherwise.
-fn headline(store: &Store, split: &str) -> Option<(&'static str, f64)> {
+pub(crate) fn headline(store: &Store, split: &str) -> Option<(&'static str, f64)> {
     match store.result(split, "entity_f1") {
         Some(f1) => Some(("entity F1", f1)),
         None => store.result(split, "accuracy").map(|a| ("accuracy", a)),
     }
 }
 
-fn trial_line(label: &str, r: &trial::TrialRun) -> String {
+/// A trial's outcome in one log line: its status, its dev and test scores, the stages reused.
+pub(crate) fn trial_line(
+    label: &str,
+    status: &TrialStatus,
+    summary: &RunSummary,
+    store: &Store,
+) -> String {
     let score = |split: &str| {
-        headline(&r.store, split)
+        headline(store, split)
             .map(|(name, v)| format!(" {split} {name} {:.2}%", v * 100.0))
             .unwrap_or_default()
     };
-    let cached = r.summary.stages.iter().filter(|s| s.cached).count();
+    let cached = summary.stages.iter().filter(|s| s.cached).count();
     let reused = if cached > 0 {
         format!(
             " ({cached} stage{} reused)",
@@ -409,7 +427,7 @@ fn trial_line(label: &str, r: &trial::TrialRun) -> String {
     } else {
         String::new()
     };
-    let status = match &r.status {
+    let status = match status {
         TrialStatus::Done => format!("done:{}{}{reused}", score("dev"), score("test")),
         TrialStatus::Diverged {
             stage,
@@ -530,7 +548,7 @@ fn write_study(
 /// Locks `<run_dir>/.lock` (released when the file is dropped or the process dies): exclusively
 /// for a whole run, which writes this process's id into it so the refusal can say who holds it;
 /// shared for a process that runs part of the plan beside others.
-fn lock_run_dir(run_dir: &Path, exclusive: bool) -> Result<std::fs::File, RunError> {
+pub(crate) fn lock_run_dir(run_dir: &Path, exclusive: bool) -> Result<std::fs::File, RunError> {
     use std::io::{Read, Seek, Write};
     let err = stage_err("setup");
     let path = run_dir.join(".lock");
