@@ -570,7 +570,7 @@ pub fn status(
                 if busy {
                     s.state = "running";
                     s.detail = format!(
-                        "another xrun holds one of its stages (a shard or a second run){}",
+                        "another xrun holds one of its stages (a shard, a `--jobs` process or a second run){}",
                         step.map(|(stage, n)| format!("; last checkpoint: {stage} step {n}"))
                             .unwrap_or_default()
                     );

@@ -572,7 +572,7 @@ pub(crate) fn lock_run_dir(run_dir: &Path, exclusive: bool) -> Result<std::fs::F
         let shared_holders = exclusive && file.try_lock_shared().is_ok();
         let who = if shared_holders {
             let _ = file.unlock();
-            "xrun processes running trials of this experiment (shards or cluster jobs) are"
+            "xrun processes running trials of this experiment (shards, cluster jobs or `--jobs`) are"
                 .to_string()
         } else if holder.is_empty() {
             "another xrun is".to_string()
