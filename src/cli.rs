@@ -329,10 +329,11 @@ fn merged_report(args: &FileArgs) -> ExitCode {
     };
     finish(exec::keys(&trials).and_then(|keys| {
         let m = exec::merge_study(&exp, &trials, &keys)?;
-        if m.finished < m.total {
+        if m.finished() < m.statuses.len() {
             eprintln!(
                 "partial report: {} of {} trials have finished",
-                m.finished, m.total
+                m.finished(),
+                m.statuses.len()
             );
         }
         Ok(format!("{}\n", m.report.display()))

@@ -206,31 +206,32 @@ pub fn run(
         }
     }
 
+    // The merged study read every trial folder; a trial whose process ended without writing
+    // one fails the run rather than showing as pending.
     let merged = merge_study(exp, trials, keys)?;
     let statuses: Vec<(String, TrialStatus)> = trials
         .iter()
-        .zip(keys)
+        .zip(merged.statuses)
         .enumerate()
-        .map(|(i, (t, k))| {
-            let status = match (finished(&run_dir, t, k), crashed.remove(&i)) {
-                (Some((summary, _)), _) => summary.status.unwrap_or(TrialStatus::Pending),
-                (None, Some(message)) => TrialStatus::Failed {
+        .map(|(i, (t, status))| {
+            let status = match (status, crashed.remove(&i)) {
+                (TrialStatus::Pending, Some(message)) => TrialStatus::Failed {
                     stage: "run".into(),
                     message,
                     code: 1,
                 },
-                (None, None) => TrialStatus::Pending,
+                (status, _) => status,
             };
             (t.id.clone(), status)
         })
         .collect();
-    let test_score = match (trials, keys) {
-        ([t], [k]) => {
-            finished(&run_dir, t, k).and_then(|(_, store)| crate::exec::headline(&store, "test"))
-        }
-        _ => None,
-    };
-    conclude(run_dir, merged.report, trials.len(), statuses, test_score)
+    conclude(
+        run_dir,
+        merged.report,
+        trials.len(),
+        statuses,
+        merged.test_score,
+    )
 }
 
 /// Starts `xrun run FILE --trial ID [--until STAGE]` with this run's overrides, its output to `log`.

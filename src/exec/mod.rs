@@ -399,7 +399,7 @@ pub(crate) fn conclude(
 }
 
 /// A split's headline score: entity F1 for token classification, accuracy otherwise.
-pub(crate) fn headline(store: &Store, split: &str) -> Option<(&'static str, f64)> {
+fn headline(store: &Store, split: &str) -> Option<(&'static str, f64)> {
     match store.result(split, "entity_f1") {
         Some(f1) => Some(("entity F1", f1)),
         None => store.result(split, "accuracy").map(|a| ("accuracy", a)),
@@ -599,8 +599,20 @@ pub(crate) fn lock_run_dir(run_dir: &Path, exclusive: bool) -> Result<std::fs::F
 /// A study merged from the trial folders on disk.
 pub struct Merged {
     pub report: PathBuf,
-    pub finished: usize,
-    pub total: usize,
+    /// Every trial's status, in plan order; `Pending` without a result.
+    pub statuses: Vec<TrialStatus>,
+    /// The headline test score when the plan has one trial and it has a result.
+    pub test_score: Option<(&'static str, f64)>,
+}
+
+impl Merged {
+    /// How many trials have a result.
+    pub fn finished(&self) -> usize {
+        self.statuses
+            .iter()
+            .filter(|s| **s != TrialStatus::Pending)
+            .count()
+    }
 }
 
 /// How a trial of the plan ended, read from its folder; `None` when it has not run, failed before
@@ -655,13 +667,14 @@ pub fn merge_study(
     let meta = study_meta(exp, trials, &statuses);
     let pairs: Vec<(&RunSummary, &Store)> = loaded.iter().map(|(s, st)| (s, st)).collect();
     let report = crate::report::study::write(&run_dir, &meta, &pairs).map_err(err)?;
+    let test_score = match loaded.as_slice() {
+        [(_, store)] => headline(store, "test"),
+        _ => None,
+    };
     Ok(Merged {
         report,
-        finished: statuses
-            .iter()
-            .filter(|s| **s != TrialStatus::Pending)
-            .count(),
-        total: trials.len(),
+        statuses,
+        test_score,
     })
 }
 

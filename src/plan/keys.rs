@@ -118,10 +118,6 @@ fn is_first(rev: &u32) -> bool {
     *rev == 1
 }
 
-fn is_one(n: &usize) -> bool {
-    *n == 1
-}
-
 #[derive(Serialize)]
 struct Source<'a> {
     format: Format,
@@ -159,7 +155,7 @@ struct PretrainInputs<'a> {
     precision: Precision,
     /// The multiple batches are padded to; absent at 1 (exact, the CPU's default), so earlier
     /// keys hold.
-    #[serde(skip_serializing_if = "is_one")]
+    #[serde(skip_serializing_if = "crate::train::backend::is_one")]
     pad_multiple: usize,
     seed: u64,
     tokenizer: &'a str,
@@ -185,7 +181,7 @@ struct FinetuneInputs<'a> {
     precision: Precision,
     /// The multiple batches are padded to; absent at 1 (exact, the CPU's default), so earlier
     /// keys hold.
-    #[serde(skip_serializing_if = "is_one")]
+    #[serde(skip_serializing_if = "crate::train::backend::is_one")]
     pad_multiple: usize,
     seed: u64,
     tokenizer: &'a str,

@@ -160,7 +160,8 @@ fn one() -> usize {
     1
 }
 
-fn is_one(n: &usize) -> bool {
+/// `skip_serializing_if` for settings whose default is 1 (here and in the stage keys).
+pub(crate) fn is_one(n: &usize) -> bool {
     *n == 1
 }
 
