@@ -7,9 +7,11 @@ per shape with the same fields, so both are measured in one run on one machine.
 The model mirrors xrun's: learned positions, BERT post-norm (bert-*) or GPT-2 pre-norm with a causal
 mask (gpt-small), GELU feed-forward, no attention dropout, dropout 0.1 elsewhere; the LM head
 (dense, GELU, LayerNorm, projection) scores only the masked positions (MLM, 15% of tokens) or
-every real position (AR), as xrun's does. AdamW (lr 1e-4, weight decay 0.01, clip norm 1.0), the
-losses read back every 16 steps, as xrun's loop does. Sequences are random ids with lengths uniform
-in [min_len, seq], each batch padded to its longest. Precision: f32 (eager), or bf16 autocast on
+every real position (AR), as xrun's does, and the last layer computes past attention only for
+those positions, as xrun's has since 2026-11-30 (before, both computed every position there).
+AdamW (lr 1e-4, weight decay 0.01, clip norm 1.0), the losses read back every 16 steps, as xrun's
+loop does. Sequences are random ids with lengths uniform in [min_len, seq], each batch padded to
+its longest. Precision: f32 (eager), or bf16 autocast on
 CUDA. `step_ms` is the mean over the measured steps (after the warm-up).
 """
 
@@ -43,17 +45,21 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop = nn.Dropout(0.1)
 
-    def attend(self, x, mask):
+    def attend(self, x, mask, keep):
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(b, s, d))
+        return self.out(keep(y.transpose(1, 2).reshape(b * s, d)))
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, rows=None):
+        """`x` [b, s, d]; returns the rows `rows` (flat indices into b * s; all when None) of the
+        output, [n, d]. Past attention only those rows are computed, as in xrun's last layer."""
+        b, s, d = x.shape
+        keep = (lambda t: t) if rows is None else (lambda t: t[rows])
         if self.pre_norm:
-            x = x + self.drop(self.attend(self.norm1(x), mask))
+            x = keep(x.reshape(b * s, d)) + self.drop(self.attend(self.norm1(x), mask, keep))
             return x + self.drop(self.down(F.gelu(self.up(self.norm2(x)))))
-        x = self.norm1(x + self.drop(self.attend(x, mask)))
+        x = self.norm1(keep(x.reshape(b * s, d)) + self.drop(self.attend(x, mask, keep)))
         return self.norm2(x + self.drop(self.down(F.gelu(self.up(x)))))
 
 
@@ -78,11 +84,11 @@ class Model(nn.Module):
         mask = (~pad)[:, None, None, :]
         if self.causal:
             mask = mask & torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()
-        for block in self.blocks:
-            x = block(x, mask)
+        for block in self.blocks[:-1]:
+            x = block(x, mask).reshape(b, s, -1)
+        picked = self.blocks[-1](x, mask, positions)
         if self.final_norm is not None:
-            x = self.final_norm(x)
-        picked = x.reshape(b * s, -1)[positions]
+            picked = self.final_norm(picked)
         return self.decoder(self.head_norm(F.gelu(self.dense(picked))))
 
 

@@ -244,8 +244,10 @@ fn transformers_and_xrun_agree_on_logits_both_ways() {
             .collect();
         let n = real.len();
         let positions = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(real, [n]), &device);
-        let hidden = imported.backbone.forward(id_t.clone(), pad_t.clone());
-        let ours = values(head.forward(hidden, positions));
+        let hidden = imported
+            .backbone
+            .read(id_t.clone(), pad_t.clone(), positions);
+        let ours = values(head.forward(hidden));
         let theirs = floats(&r["logits"]);
         let diff = max_diff(&ours, &theirs);
         println!("{name}: import, LM logits max |xrun − transformers| = {diff:e}");

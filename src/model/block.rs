@@ -12,8 +12,9 @@ use std::ops::Range;
 
 use super::linear;
 use super::mixed::attend;
-use super::peft::{project, Adapter, Lora, Prefix};
+use super::peft::{project, project_rows, Adapter, Lora, Prefix};
 use super::pieces::{max_buffer, pieces, ELEMENT_BYTES};
+use super::rows::Rows;
 
 pub struct BlockConfig {
     pub d_model: usize,
@@ -104,7 +105,16 @@ impl BlockConfig {
 }
 
 impl<B: Backend> SelfAttention<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4, Bool>, causal: bool) -> Tensor<B, 3> {
+    /// `x` `[batch, seq, d]`. Returns the kept `rows` of the output, `[rows, d]`: every query is
+    /// scored, as the keys and values need every row, and the output projection runs on the kept
+    /// rows only.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Tensor<B, 4, Bool>,
+        causal: bool,
+        rows: &Rows<B>,
+    ) -> Tensor<B, 2> {
         let [batch, seq, d_model] = x.dims();
         let d_head = d_model / self.heads;
         let split = |y: Tensor<B, 3>| y.reshape([batch, seq, self.heads, d_head]).swap_dims(1, 2);
@@ -144,8 +154,8 @@ impl<B: Backend> SelfAttention<B> {
             };
             Tensor::cat(parts.iter().map(cut).collect(), 0)
         };
-        let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        project(&self.output, &self.lora_output, context)
+        let context = context.swap_dims(1, 2).reshape([batch * seq, d_model]);
+        project_rows(&self.output, &self.lora_output, rows.keep(context), rows)
     }
 }
 
@@ -174,59 +184,74 @@ fn prefix_mask<B: Backend>(
 }
 
 impl<B: Backend> FeedForward<B> {
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        // The `[rows, d_ff]` activations, a few sequences at a time where they would not fit one
+    /// `x`: the kept `rows` `[rows, d]` of a layer's activation.
+    pub fn forward(&self, x: Tensor<B, 2>, rows: &Rows<B>) -> Tensor<B, 2> {
+        // The `[rows, d_ff]` activations, a number of rows at a time where they would not fit one
         // device buffer.
-        let [batch, seq, _] = x.dims();
         // `lazy_shape`: reading the shape must not initialise a lazy parameter, which would draw
         // its weights out of turn and change what a seed gives.
-        let row = (seq * self.up.weight.lazy_shape()[1]) as u64 * ELEMENT_BYTES;
-        let parts = pieces(batch, row, max_buffer());
+        let row = self.up.weight.lazy_shape()[1] as u64 * ELEMENT_BYTES;
+        let parts = pieces(x.dims()[0], row, max_buffer());
         if parts.len() == 1 {
-            return self.rows(x);
+            return self.rows(x, rows);
         }
-        let cut = |r: &Range<usize>| self.rows(x.clone().narrow(0, r.start, r.len()));
+        let cut =
+            |r: &Range<usize>| self.rows(x.clone().narrow(0, r.start, r.len()), &rows.narrow(r));
         Tensor::cat(parts.iter().map(cut).collect(), 0)
     }
 
-    fn rows(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = project(&self.up, &self.lora_up, x);
+    fn rows(&self, x: Tensor<B, 2>, rows: &Rows<B>) -> Tensor<B, 2> {
+        let h = project_rows(&self.up, &self.lora_up, x, rows);
         let h = if self.gelu_tanh {
             gelu_approximate(h)
         } else {
             gelu(h)
         };
-        project(&self.down, &self.lora_down, h)
+        project_rows(&self.down, &self.lora_down, h, rows)
     }
 }
 
 impl<B: Backend> Block<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4, Bool>, causal: bool) -> Tensor<B, 3> {
-        let adapt = |adapter: &Option<Adapter<B>>, h: Tensor<B, 3>| match adapter {
+    /// `x` `[batch, seq, d]`. Returns the kept `rows` of the layer's output, `[rows, d]`; past
+    /// attention, only those are computed (`model::rows`).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Tensor<B, 4, Bool>,
+        causal: bool,
+        rows: &Rows<B>,
+    ) -> Tensor<B, 2> {
+        let adapt = |adapter: &Option<Adapter<B>>, h: Tensor<B, 2>| match adapter {
             Some(a) => a.forward(h),
             None => h,
         };
+        let [batch, seq, d] = x.dims();
+        let kept = |x: Tensor<B, 3>| rows.keep(x.reshape([batch * seq, d]));
+        let drop = |h: Tensor<B, 2>| rows.dropout(&self.dropout, h);
         if self.pre_norm {
             let h = self.norm_attention.forward(x.clone());
             let a = adapt(
                 &self.adapter_attention,
-                self.attention.forward(h, mask, causal),
+                self.attention.forward(h, mask, causal, rows),
             );
-            let x = x + self.dropout.forward(a);
+            let x = kept(x) + drop(a);
             let h = self.norm_feed_forward.forward(x.clone());
-            let f = adapt(&self.adapter_feed_forward, self.feed_forward.forward(h));
-            x.clone() + self.dropout.forward(f)
+            let f = adapt(
+                &self.adapter_feed_forward,
+                self.feed_forward.forward(h, rows),
+            );
+            x + drop(f)
         } else {
             let a = adapt(
                 &self.adapter_attention,
-                self.attention.forward(x.clone(), mask, causal),
+                self.attention.forward(x.clone(), mask, causal, rows),
             );
-            let x = self.norm_attention.forward(x + self.dropout.forward(a));
+            let x = self.norm_attention.forward(kept(x) + drop(a));
             let f = adapt(
                 &self.adapter_feed_forward,
-                self.feed_forward.forward(x.clone()),
+                self.feed_forward.forward(x.clone(), rows),
             );
-            self.norm_feed_forward.forward(x + self.dropout.forward(f))
+            self.norm_feed_forward.forward(x + drop(f))
         }
     }
 

@@ -47,10 +47,8 @@ impl<B: Backend> LmHead<B> {
         }
     }
 
-    /// `hidden`: `[batch, seq, d]`; `positions`: `[n]` flat indices into `batch * seq`. Returns `[n, vocab]`.
-    pub fn forward(&self, hidden: Tensor<B, 3>, positions: Tensor<B, 1, Int>) -> Tensor<B, 2> {
-        let [batch, seq, d] = hidden.dims();
-        let mut h = hidden.reshape([batch * seq, d]).select(0, positions);
+    /// `h`: `[n, d]`, the backbone's rows at the positions to score. Returns `[n, vocab]`.
+    pub fn forward(&self, mut h: Tensor<B, 2>) -> Tensor<B, 2> {
         if let Some(dense) = &self.dense {
             h = gelu(mixed::linear(dense, h));
         }
@@ -60,32 +58,31 @@ impl<B: Backend> LmHead<B> {
         mixed::linear(&self.decoder, h)
     }
 
-    /// Log-probabilities `[n]` of `targets` `[n]` at `positions`. The `[n, vocab]` logits are
-    /// computed a number of positions at a time where they would not fit one device buffer.
+    /// Log-probabilities `[n]` of `targets` `[n]` given the backbone's rows `hidden` `[n, d]` at
+    /// their positions. The `[n, vocab]` logits are computed a number of positions at a time
+    /// where they would not fit one device buffer.
     pub fn target_log_probs(
         &self,
-        hidden: Tensor<B, 3>,
-        positions: Tensor<B, 1, Int>,
+        hidden: Tensor<B, 2>,
         targets: Tensor<B, 1, Int>,
     ) -> Tensor<B, 1> {
-        let scored = |hidden, positions: Tensor<B, 1, Int>, targets: Tensor<B, 1, Int>| {
-            let [n] = positions.dims();
-            log_softmax(self.forward(hidden, positions), 1)
+        let scored = |hidden, targets: Tensor<B, 1, Int>| {
+            let [n] = targets.dims();
+            log_softmax(self.forward(hidden), 1)
                 .gather(1, targets.reshape([n, 1]))
                 .reshape([n])
         };
-        let [n] = positions.dims();
+        let [n] = targets.dims();
         // `lazy_shape`: reading the shape must not initialise a lazy parameter, which would draw
         // its weights out of turn and change what a seed gives.
         let row = self.decoder.weight.lazy_shape()[1] as u64 * ELEMENT_BYTES;
         let parts = pieces(n, row, max_buffer());
         if parts.len() == 1 {
-            return scored(hidden, positions, targets);
+            return scored(hidden, targets);
         }
         let cut = |r: &Range<usize>| {
-            let (p, t) = (positions.clone(), targets.clone());
-            let (p, t) = (p.narrow(0, r.start, r.len()), t.narrow(0, r.start, r.len()));
-            scored(hidden.clone(), p, t)
+            let h = hidden.clone().narrow(0, r.start, r.len());
+            scored(h, targets.clone().narrow(0, r.start, r.len()))
         };
         Tensor::cat(parts.iter().map(cut).collect(), 0)
     }
@@ -126,55 +123,46 @@ impl<B: Backend> ClassifierHead<B> {
         }
     }
 
-    /// `hidden`: `[batch, seq, d]`, `pad`: `[batch, seq]`. Returns logits `[batch, classes]`.
+    /// `pooled`: `[batch, d]`, one vector per sequence. Returns logits `[batch, classes]`.
     /// A BERT `pooler` (dense + tanh) applies to the pooled vector first.
-    pub fn forward(
-        &self,
-        hidden: Tensor<B, 3>,
-        pad: Tensor<B, 2, Bool>,
-        pool: Pool,
-        pooler: Option<&Linear<B>>,
-    ) -> Tensor<B, 2> {
-        let mut pooled = pool_hidden(hidden, pad, pool);
+    pub fn forward(&self, mut pooled: Tensor<B, 2>, pooler: Option<&Linear<B>>) -> Tensor<B, 2> {
         if let Some(dense) = pooler {
             pooled = mixed::linear(dense, pooled).tanh();
         }
-        mixed::linear(&self.output, self.dropout.forward(pooled))
+        self.forward_rows(pooled)
     }
 
-    /// Token classification: logits `[n, classes]` at `positions` (flat indices into `batch * seq`),
-    /// gathered before the projection as the LM head does.
-    pub fn forward_positions(
-        &self,
-        hidden: Tensor<B, 3>,
-        positions: Tensor<B, 1, Int>,
-    ) -> Tensor<B, 2> {
-        let [batch, seq, d] = hidden.dims();
-        let picked = hidden.reshape([batch * seq, d]).select(0, positions);
-        mixed::linear(&self.output, self.dropout.forward(picked))
+    /// Logits `[n, classes]` of the backbone's rows `[n, d]` (token classification: the rows at
+    /// the tagged positions).
+    pub fn forward_rows(&self, rows: Tensor<B, 2>) -> Tensor<B, 2> {
+        mixed::linear(&self.output, self.dropout.forward(rows))
     }
 }
 
-fn pool_hidden<B: Backend>(
-    hidden: Tensor<B, 3>,
-    pad: Tensor<B, 2, Bool>,
-    pool: Pool,
-) -> Tensor<B, 2> {
-    let [batch, seq, d] = hidden.dims();
-    let keep = pad.bool_not().float(); // [batch, seq], 1 at real tokens
-    match pool {
-        Pool::First => hidden.narrow(1, 0, 1).reshape([batch, d]),
-        Pool::Mean => {
-            let weights = keep.clone().reshape([batch, seq, 1]);
-            let summed = (hidden * weights).sum_dim(1).reshape([batch, d]);
-            summed / keep.sum_dim(1).clamp_min(1.0)
-        }
-        Pool::Last => {
-            let device = hidden.device();
-            let lengths = keep.sum_dim(1).int().reshape([batch]); // [batch]
-            let rows = Tensor::<B, 1, Int>::arange(0..batch as i64, &device) * (seq as i64);
-            let index = rows + lengths - 1;
-            hidden.reshape([batch * seq, d]).select(0, index)
+impl Pool {
+    /// The row (flat index into `batch * seq`) each sequence is read at, `[batch]`; `None` for
+    /// `Mean`, which reads every row.
+    pub fn rows<B: Backend>(self, pad: &Tensor<B, 2, Bool>) -> Option<Tensor<B, 1, Int>> {
+        let [batch, seq] = pad.dims();
+        let device = pad.device();
+        let starts = Tensor::<B, 1, Int>::arange(0..batch as i64, &device) * (seq as i64);
+        match self {
+            Pool::First => Some(starts),
+            Pool::Last => {
+                // The last non-pad token of each row.
+                let lengths = pad.clone().bool_not().int().sum_dim(1).reshape([batch]);
+                Some(starts + lengths - 1)
+            }
+            Pool::Mean => None,
         }
     }
+}
+
+/// The mean of `hidden` `[batch, seq, d]` over each sequence's non-pad tokens, `[batch, d]`.
+pub fn mean_pool<B: Backend>(hidden: Tensor<B, 3>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+    let [batch, seq, d] = hidden.dims();
+    let keep = pad.bool_not().float(); // [batch, seq], 1 at real tokens
+    let weights = keep.clone().reshape([batch, seq, 1]);
+    let summed = (hidden * weights).sum_dim(1).reshape([batch, d]);
+    summed / keep.sum_dim(1).clamp_min(1.0)
 }

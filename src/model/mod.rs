@@ -11,6 +11,7 @@ mod heads;
 pub mod mixed;
 pub mod peft;
 pub mod pieces;
+pub mod rows;
 
 use burn::module::Module;
 use burn::nn::{
@@ -21,7 +22,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
 pub use block::{Block, BlockConfig};
+use heads::mean_pool;
 pub use heads::{ClassifierHead, LmHead, Pool};
+use rows::Rows;
 
 /// BERT's initialiser: N(0, 0.02) for embeddings and projections.
 pub const INIT: Initializer = Initializer::Normal {
@@ -232,6 +235,39 @@ impl<B: Backend> Backbone<B> {
     /// `ids`: `[batch, seq]`; `pad`: `[batch, seq]`, true at padding. Returns `[batch, seq, d_model]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
         let [batch, seq] = ids.dims();
+        let hidden = self.forward_rows(ids, pad, &Rows::all(batch * seq));
+        let d = hidden.dims()[1];
+        hidden.reshape([batch, seq, d])
+    }
+
+    /// The hidden states `[n, d_model]` at `positions` `[n]` (flat indices into `batch * seq`).
+    /// Where the positions are fewer than the rows, the last layer computes past attention for
+    /// those rows only (`model::rows`); the numbers are the whole forward's, rounded in another
+    /// order.
+    pub fn read(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad: Tensor<B, 2, Bool>,
+        positions: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 2> {
+        let [batch, seq] = ids.dims();
+        let total = batch * seq;
+        if positions.dims()[0] < total {
+            self.forward_rows(ids, pad, &Rows::picked(total, positions))
+        } else {
+            self.forward_rows(ids, pad, &Rows::all(total))
+                .select(0, positions)
+        }
+    }
+
+    /// The kept `rows` of the last layer's output (after the final LayerNorm), `[rows, d_model]`.
+    fn forward_rows(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad: Tensor<B, 2, Bool>,
+        rows: &Rows<B>,
+    ) -> Tensor<B, 2> {
+        let [batch, seq] = ids.dims();
         let device = ids.device();
         let offset = self.position_offset as i64;
         let positions = Tensor::<B, 1, Int>::arange(offset..offset + seq as i64, &device)
@@ -255,9 +291,19 @@ impl<B: Backend> Backbone<B> {
         let mask = pad
             .reshape([batch, 1, 1, seq])
             .expand([batch, self.heads, seq, seq]);
-        for block in &self.blocks {
-            x = block.forward(x, mask.clone(), self.causal);
-        }
+        let d = x.dims()[2];
+        let every = Rows::all(batch * seq);
+        let x = match self.blocks.split_last() {
+            Some((last, others)) => {
+                for block in others {
+                    x = block
+                        .forward(x, mask.clone(), self.causal, &every)
+                        .reshape([batch, seq, d]);
+                }
+                last.forward(x, mask, self.causal, rows)
+            }
+            None => rows.keep(x.reshape([batch * seq, d])),
+        };
         match &self.final_norm {
             Some(norm) => norm.forward(x),
             None => x,
@@ -627,7 +673,7 @@ mod tests {
                 let loss = lp.clone().mean().neg();
                 let ce = CrossEntropyLossConfig::new()
                     .init(&device)
-                    .forward(model.head.forward(model.backbone.forward(ids, pad), p), t);
+                    .forward(model.head.forward(model.backbone.read(ids, pad, p)), t);
                 let grads = loss.backward();
                 let block = &model.backbone.blocks[0];
                 let grad = |w: &burn::module::Param<Tensor<Ad, 2>>| values(w.grad(&grads).unwrap());
@@ -661,6 +707,107 @@ mod tests {
             for (a, b) in whole_grads.iter().zip(&cut_grads) {
                 assert!(a.iter().any(|x| *x != 0.0));
                 close(a, b, "gradients");
+            }
+        }
+    }
+
+    /// A head that reads some rows (MLM's masked positions, the `[CLS]` or last token) gets from
+    /// `Backbone::read`, whose last layer computes past attention for those rows only, the
+    /// log-probabilities, logits and gradients of the whole forward, with dropout on (in the
+    /// block, in LoRA and in the head) and the same seed: the masks drawn are the same.
+    #[test]
+    fn reading_some_rows_computes_what_the_whole_forward_does() {
+        let _rng = crate::model::rng_lock();
+        let device = Default::default();
+        let values = |t: Tensor<Flex, 2>| -> Vec<f32> { t.into_data().to_vec().unwrap() };
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-5, "{what}: {x} vs {y}");
+            }
+        };
+        for pre_norm in [true, false] {
+            Flex::seed(&device, 3);
+            let mut cfg = config(false);
+            cfg.pre_norm = pre_norm;
+            cfg.dropout = 0.1;
+            let mut lora = lora_everywhere();
+            lora.dropout = 0.1;
+            let backbone = cfg
+                .init::<Ad>(&device)
+                .with_lora(&lora, &device)
+                .with_adapters(4, &device);
+            let lm = LmModel {
+                backbone: backbone.clone(),
+                head: cfg.lm_head(&device),
+            };
+            let classifier = Classifier {
+                backbone,
+                head: cfg.classifier_head(3, false, &device),
+            };
+            let ids = [2, 10, 11, 12, 3, 2, 13, 3, 0, 0, 2, 14, 15, 3, 0];
+            let grads_of = |grads: &<Ad as burn::tensor::backend::AutodiffBackend>::Gradients,
+                            b: &Backbone<Ad>| {
+                let last = &b.blocks[1];
+                let grad = |w: &burn::module::Param<Tensor<Ad, 2>>| values(w.grad(grads).unwrap());
+                [
+                    grad(&last.feed_forward.up.weight),
+                    grad(&last.attention.lora_output.as_ref().unwrap().b),
+                    grad(&last.feed_forward.lora_down.as_ref().unwrap().b),
+                    grad(&last.adapter_feed_forward.as_ref().unwrap().up.weight),
+                    grad(&b.blocks[0].attention.query.weight),
+                ]
+            };
+            // MLM: 4 of the 15 positions.
+            let lm_run = |whole: bool| {
+                Flex::seed(&device, 7);
+                let (ids, pad, p, t) = lm_inputs(&ids, 5, &[1, 2, 6, 11], &[11, 12, 3, 15]);
+                let lp = if whole {
+                    let hidden = lm.backbone.forward(ids, pad).reshape([15, 16]);
+                    lm.head.target_log_probs(hidden.select(0, p), t)
+                } else {
+                    lm.target_log_probs(ids, pad, p, t)
+                };
+                let grads = lp.clone().mean().neg().backward();
+                let mut g = grads_of(&grads, &lm.backbone).to_vec();
+                g.push(values(lm.head.decoder.weight.grad(&grads).unwrap()));
+                (lp.inner().into_data().to_vec::<f32>().unwrap(), g)
+            };
+            // Parameters are initialised on first use, drawing from the same stream as dropout:
+            // one run first, so that both compared runs draw their masks alone.
+            lm_run(true);
+            let (whole, whole_grads) = lm_run(true);
+            let (read, read_grads) = lm_run(false);
+            close(&whole, &read, "MLM log-probabilities");
+            for (a, b) in whole_grads.iter().zip(&read_grads) {
+                assert!(a.iter().any(|x| *x != 0.0));
+                close(a, b, "MLM gradients");
+            }
+            // Classification on the first and on the last token.
+            for pool in [Pool::First, Pool::Last] {
+                let class_run = |whole: bool| {
+                    Flex::seed(&device, 9);
+                    let (ids, pad, _, _) = lm_inputs(&ids, 5, &[], &[]);
+                    let logits = if whole {
+                        let hidden = classifier.backbone.forward(ids, pad.clone());
+                        let rows = pool.rows(&pad).unwrap();
+                        let pooled = hidden.reshape([15, 16]).select(0, rows);
+                        classifier.head.forward(pooled, None)
+                    } else {
+                        classifier.forward(ids, pad, pool)
+                    };
+                    let grads = logits.clone().powi_scalar(2).mean().backward();
+                    let g = grads_of(&grads, &classifier.backbone);
+                    (values(logits.inner()), g)
+                };
+                class_run(true);
+                let (whole, whole_grads) = class_run(true);
+                let (read, read_grads) = class_run(false);
+                close(&whole, &read, "class logits");
+                for (a, b) in whole_grads.iter().zip(&read_grads) {
+                    assert!(a.iter().any(|x| *x != 0.0));
+                    close(a, b, "classifier gradients");
+                }
             }
         }
     }
@@ -842,7 +989,7 @@ impl<B: Backend> LmModel<B> {
         targets: Tensor<B, 1, Int>,
     ) -> Tensor<B, 1> {
         self.head
-            .target_log_probs(self.backbone.forward(ids, pad), positions, targets)
+            .target_log_probs(self.backbone.read(ids, pad, positions), targets)
     }
 }
 
@@ -853,9 +1000,11 @@ impl<B: Backend> Classifier<B> {
         pad: Tensor<B, 2, Bool>,
         pool: Pool,
     ) -> Tensor<B, 2> {
-        let hidden = self.backbone.forward(ids, pad.clone());
-        self.head
-            .forward(hidden, pad, pool, self.backbone.pooler.as_ref())
+        let pooled = match pool.rows(&pad) {
+            Some(rows) => self.backbone.read(ids, pad, rows),
+            None => mean_pool(self.backbone.forward(ids, pad.clone()), pad),
+        };
+        self.head.forward(pooled, self.backbone.pooler.as_ref())
     }
 
     /// Tag logits `[n, classes]` at `positions` (flat indices into `batch * seq`).
@@ -865,7 +1014,7 @@ impl<B: Backend> Classifier<B> {
         pad: Tensor<B, 2, Bool>,
         positions: Tensor<B, 1, Int>,
     ) -> Tensor<B, 2> {
-        let hidden = self.backbone.forward(ids, pad);
-        self.head.forward_positions(hidden, positions)
+        self.head
+            .forward_rows(self.backbone.read(ids, pad, positions))
     }
 }

@@ -17,6 +17,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use super::rows::Rows;
 use super::{linear, mixed, INIT};
 
 #[derive(Module, Debug)]
@@ -54,9 +55,10 @@ impl<B: Backend> Lora<B> {
         }
     }
 
-    /// The update to add to the projection's output for input rows `x` `[rows, d_in]`.
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = self.dropout.forward(x);
+    /// The update to add to the projection's output for input rows `x` `[rows, d_in]`, the kept
+    /// `rows` of the layer's activation.
+    pub fn forward(&self, x: Tensor<B, 2>, rows: &Rows<B>) -> Tensor<B, 2> {
+        let x = rows.dropout(&self.dropout, x);
         mixed::matmul(mixed::matmul(x, self.a.val()), self.b.val()).mul_scalar(self.scale)
     }
 
@@ -77,10 +79,23 @@ pub fn project<B: Backend>(
     lora: &Option<Lora<B>>,
     x: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    by_rows(x, |x| match lora {
-        Some(l) => mixed::linear(linear, x.clone()) + l.forward(x),
-        None => mixed::linear(linear, x),
+    by_rows(x, |x| {
+        let rows = Rows::all(x.dims()[0]);
+        project_rows(linear, lora, x, &rows)
     })
+}
+
+/// `project` on the kept `rows` `x` `[rows, d_in]` of a layer's activation.
+pub fn project_rows<B: Backend>(
+    linear: &Linear<B>,
+    lora: &Option<Lora<B>>,
+    x: Tensor<B, 2>,
+    rows: &Rows<B>,
+) -> Tensor<B, 2> {
+    match lora {
+        Some(l) => mixed::linear(linear, x.clone()) + l.forward(x, rows),
+        None => mixed::linear(linear, x),
+    }
 }
 
 /// `f` applied to `x` `[batch, seq, d]` as one `[batch·seq, d]` matrix, reshaped back.
@@ -114,11 +129,9 @@ impl<B: Backend> Adapter<B> {
         }
     }
 
-    pub fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        h.clone()
-            + by_rows(h, |h| {
-                mixed::linear(&self.up, gelu(mixed::linear(&self.down, h)))
-            })
+    /// `h` `[rows, d]`.
+    pub fn forward(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
+        h.clone() + mixed::linear(&self.up, gelu(mixed::linear(&self.down, h)))
     }
 }
 
