@@ -5,7 +5,7 @@
 //! label positions of a cloze prompt. Past its attention, whose keys and values need every row,
 //! a layer works on each row alone (output projection, residual sum, LayerNorm, feed-forward
 //! network, adapters). So the last layer computes those parts for the read rows only: for the
-//! headline's two layers, most of a fine-tuning step's feed-forward work and its GELUs.
+//! headline's two layers, half of a fine-tuning step's feed-forward work and GELUs.
 //!
 //! The function is unchanged, and so are the random draws: a dropout on kept rows draws its mask
 //! for every row, as the whole computation does, and keeps the rows' part of it. Only the order in
