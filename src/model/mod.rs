@@ -726,6 +726,15 @@ mod tests {
                 assert!((x - y).abs() <= 1e-5, "{what}: {x} vs {y}");
             }
         };
+        // The outputs and the (non-zero) gradients of a whole run and of a run reading rows.
+        type Run = (Vec<f32>, Vec<Vec<f32>>);
+        let agree = |(whole, whole_grads): Run, (read, read_grads): Run, what: &str| {
+            close(&whole, &read, what);
+            for (a, b) in whole_grads.iter().zip(&read_grads) {
+                assert!(a.iter().any(|x| *x != 0.0), "{what}: a zero gradient");
+                close(a, b, &format!("{what}: gradients"));
+            }
+        };
         for pre_norm in [true, false] {
             Flex::seed(&device, 3);
             let mut cfg = config(false);
@@ -776,13 +785,7 @@ mod tests {
             // Parameters are initialised on first use, drawing from the same stream as dropout:
             // one run first, so that both compared runs draw their masks alone.
             lm_run(true);
-            let (whole, whole_grads) = lm_run(true);
-            let (read, read_grads) = lm_run(false);
-            close(&whole, &read, "MLM log-probabilities");
-            for (a, b) in whole_grads.iter().zip(&read_grads) {
-                assert!(a.iter().any(|x| *x != 0.0));
-                close(a, b, "MLM gradients");
-            }
+            agree(lm_run(true), lm_run(false), "MLM log-probabilities");
             // Classification on the first and on the last token.
             for pool in [Pool::First, Pool::Last] {
                 let class_run = |whole: bool| {
@@ -797,17 +800,11 @@ mod tests {
                         classifier.forward(ids, pad, pool)
                     };
                     let grads = logits.clone().powi_scalar(2).mean().backward();
-                    let g = grads_of(&grads, &classifier.backbone);
+                    let g = grads_of(&grads, &classifier.backbone).to_vec();
                     (values(logits.inner()), g)
                 };
                 class_run(true);
-                let (whole, whole_grads) = class_run(true);
-                let (read, read_grads) = class_run(false);
-                close(&whole, &read, "class logits");
-                for (a, b) in whole_grads.iter().zip(&read_grads) {
-                    assert!(a.iter().any(|x| *x != 0.0));
-                    close(a, b, "classifier gradients");
-                }
+                agree(class_run(true), class_run(false), "class logits");
             }
         }
     }
