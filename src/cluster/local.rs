@@ -234,7 +234,25 @@ pub fn run(
     )
 }
 
-/// Starts `xrun run FILE --trial ID [--until STAGE]` with this run's overrides, its output to `log`.
+/// The variable that sizes the thread pool of burn's CPU backend (rayon's global pool, where
+/// gemm splits its products).
+const THREADS_VAR: &str = "RAYON_NUM_THREADS";
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The threads each of `jobs` processes gets on `cores`: an equal share, at least one. Each
+/// process would otherwise start a pool as large as the machine, and N of them would ask for N
+/// times its cores, their idle workers spinning on cores the others need. On 2 cores the gain
+/// was small: 0.92–0.99× the wall time, 0.91–0.96× the CPU time (BENCHMARKS.md, "Dropout masks
+/// drawn in bulk").
+fn share_of_cores(cores: usize, jobs: usize) -> usize {
+    (cores / jobs.max(1)).max(1)
+}
+
+/// Starts `xrun run FILE --trial ID [--until STAGE]` with this run's overrides, its output to `log`,
+/// with its share of the cores (unless `RAYON_NUM_THREADS` is set: then every process keeps it).
 fn spawn(
     xrun: &Path,
     o: &LocalOptions,
@@ -258,6 +276,9 @@ fn spawn(
     cmd.args(["--trial", trial]);
     if let Some(until) = until {
         cmd.args(["--until", until.name()]);
+    }
+    if std::env::var_os(THREADS_VAR).is_none() {
+        cmd.env(THREADS_VAR, share_of_cores(cores(), o.jobs).to_string());
     }
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone().map_err(err)?)

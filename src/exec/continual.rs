@@ -273,7 +273,7 @@ fn consolidate<B: AutodiffBackend>(
     let n = split.ids.len();
     let mut sums = Vec::new();
     for i in 0..n {
-        B::seed(device, rng_seed(seed, i));
+        crate::model::dropout::seed::<B>(device, rng_seed(seed, i));
         let padded = pad_rows(split, &[i], pad_id, model.backbone.max_len());
         let loss = class_loss(&classifier, split, &[i], pool, &padded, device);
         let grads = loss.backward();
@@ -379,7 +379,7 @@ pub(super) fn continual_stage<B: AutodiffBackend>(
     summary
         .stages
         .push(StageUse::new("finetune", &key.hash, false));
-    B::seed(&device, seed);
+    crate::model::dropout::seed::<B>(&device, seed);
     let backbone = with_method(f, Backbone::<B>::from_inner(backbone), &device);
     let heads = tasks
         .iter()

@@ -252,7 +252,10 @@ fn stages<B: AutodiffBackend>(
         let model = LmModel {
             head: lm_head.unwrap_or_else(|| {
                 // No pretraining: an untrained head, the chance-level baseline.
-                B::seed(&cx.device, exp.raw.experiment.seed.wrapping_add(1));
+                crate::model::dropout::seed::<B>(
+                    &cx.device,
+                    exp.raw.experiment.seed.wrapping_add(1),
+                );
                 cfg.lm_head::<B>(&cx.device).valid()
             }),
             backbone,
@@ -495,7 +498,7 @@ fn pretrain_stage<B: AutodiffBackend>(
     let p = &exp.raw.pretrain;
     let seed = exp.raw.experiment.seed;
     let device = cx.device.clone();
-    B::seed(&device, seed);
+    crate::model::dropout::seed::<B>(&device, seed);
     let err = failed("pretrain");
     let (backbone, head) = match exp.hf_init() {
         Some(dir) => {
@@ -708,7 +711,7 @@ fn finetune_stage<B: AutodiffBackend>(
     summary
         .stages
         .push(StageUse::new("finetune", &key.hash, false));
-    B::seed(&device, seed.wrapping_add(1));
+    crate::model::dropout::seed::<B>(&device, seed.wrapping_add(1));
     let pool = pool_for(f.pooling, cfg);
     let classes = data.labels.len();
     let backbone = with_method(f, Backbone::<B>::from_inner(backbone), &device);
@@ -992,7 +995,7 @@ fn prompt_stage<B: AutodiffBackend>(
     let (status, model) = if f.method == Method::Pet {
         summary.trainable_parameters = Some((total, total));
         let (train, train_classes) = tokenize(&data.train.examples, &encoded.train.classes)?;
-        B::seed(&device, seed);
+        crate::model::dropout::seed::<B>(&device, seed);
         let task = cloze::ClozeTask::<B> {
             prompt: &prompt,
             tok: tokenizer,

@@ -135,7 +135,7 @@ impl<B: Backend> ClassifierHead<B> {
     /// Logits `[n, classes]` of the backbone's rows `[n, d]` (token classification: the rows at
     /// the tagged positions).
     pub fn forward_rows(&self, rows: Tensor<B, 2>) -> Tensor<B, 2> {
-        mixed::linear(&self.output, self.dropout.forward(rows))
+        mixed::linear(&self.output, super::dropout::forward(&self.dropout, rows))
     }
 }
 

@@ -7,6 +7,7 @@
 //! moves LayerNorm before each sub-layer as GPT-2 does (Radford et al., 2019).
 
 mod block;
+pub mod dropout;
 mod heads;
 pub mod mixed;
 pub mod peft;
@@ -286,7 +287,7 @@ impl<B: Backend> Backbone<B> {
         if let Some(norm) = &self.embed_norm {
             x = norm.forward(x);
         }
-        x = self.dropout.forward(x);
+        x = dropout::forward(&self.dropout, x);
         // Keys that are padding are hidden from every query: [batch, 1, 1, seq] → [batch, heads, seq, seq].
         let mask = pad
             .reshape([batch, 1, 1, seq])
@@ -735,7 +736,9 @@ mod tests {
                 close(a, b, &format!("{what}: gradients"));
             }
         };
-        for pre_norm in [true, false] {
+        // Masks drawn by burn (as on a GPU) and on the host (as on the CPU).
+        for (pre_norm, host) in [(true, false), (false, false), (true, true), (false, true)] {
+            crate::model::dropout::draw_on_host(host);
             Flex::seed(&device, 3);
             let mut cfg = config(false);
             cfg.pre_norm = pre_norm;
@@ -769,7 +772,7 @@ mod tests {
             };
             // MLM: 4 of the 15 positions.
             let lm_run = |whole: bool| {
-                Flex::seed(&device, 7);
+                crate::model::dropout::seed::<Flex>(&device, 7);
                 let (ids, pad, p, t) = lm_inputs(&ids, 5, &[1, 2, 6, 11], &[11, 12, 3, 15]);
                 let lp = if whole {
                     let hidden = lm.backbone.forward(ids, pad).reshape([15, 16]);
@@ -789,7 +792,7 @@ mod tests {
             // Classification on the first and on the last token.
             for pool in [Pool::First, Pool::Last] {
                 let class_run = |whole: bool| {
-                    Flex::seed(&device, 9);
+                    crate::model::dropout::seed::<Flex>(&device, 9);
                     let (ids, pad, _, _) = lm_inputs(&ids, 5, &[], &[]);
                     let logits = if whole {
                         let hidden = classifier.backbone.forward(ids, pad.clone());
@@ -807,6 +810,7 @@ mod tests {
                 agree(class_run(true), class_run(false), "class logits");
             }
         }
+        crate::model::dropout::draw_on_host(false);
     }
 
     /// Under `bf16-mixed` the products and attention run in bf16 (the numbers change a little),

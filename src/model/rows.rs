@@ -13,7 +13,7 @@
 
 use burn::nn::Dropout;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 
 /// The rows a computation keeps of a `[total, d]` activation: all of them in order, or the rows at
 /// `index` (flat indices into `batch·seq`, in the order the head reads them).
@@ -64,19 +64,13 @@ impl<B: Backend> Rows<B> {
     /// masks whichever rows are kept.
     pub fn dropout(&self, dropout: &Dropout, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let Some(index) = &self.index else {
-            return dropout.forward(x);
+            return super::dropout::forward(dropout, x);
         };
-        // burn's `Dropout::forward`, but for the mask's shape.
         if !B::ad_enabled(&x.device()) || dropout.prob == 0.0 {
             return x;
         }
-        let keep = 1.0 - dropout.prob;
         let [_, d] = x.dims();
-        let mask = Tensor::<B, 2>::random(
-            [self.total, d],
-            Distribution::Bernoulli(keep),
-            (&x.device(), x.dtype()),
-        );
-        (x * mask.select(0, index.clone())) * (1.0 / keep)
+        let mask = super::dropout::mask([self.total, d], 1.0 - dropout.prob, &x);
+        x * mask.select(0, index.clone())
     }
 }

@@ -99,6 +99,9 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// - pretrain 2, finetune 4: every projection multiplies the `[batch·seq, d]` rows in one product
 ///   (`model::peft::by_rows`), 1.3x faster on the CPU. The same function, rounded in another order:
 ///   losses differ from the fourth significant digit on.
+///
+/// Drawing dropout masks on the host on the CPU (`model::dropout`) changed the CPU's numbers and no
+/// GPU's: it is the `masks` input, not a revision, so GPU entries keep their keys.
 const TOKENIZER_REV: u32 = 1;
 const PRETRAIN_REV: u32 = 2;
 const FINETUNE_REV: u32 = 4;
@@ -157,6 +160,10 @@ struct PretrainInputs<'a> {
     /// keys hold.
     #[serde(skip_serializing_if = "crate::train::backend::is_one")]
     pad_multiple: usize,
+    /// `host` on the CPU, whose dropout masks xrun draws on the host (`model::dropout`: one seed,
+    /// other masks than burn's draw); absent where the backend draws them, so GPU keys hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    masks: Option<&'static str>,
     seed: u64,
     tokenizer: &'a str,
     model: &'a ModelSection,
@@ -183,6 +190,10 @@ struct FinetuneInputs<'a> {
     /// keys hold.
     #[serde(skip_serializing_if = "crate::train::backend::is_one")]
     pad_multiple: usize,
+    /// `host` on the CPU, whose dropout masks xrun draws on the host (`model::dropout`: one seed,
+    /// other masks than burn's draw); absent where the backend draws them, so GPU keys hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    masks: Option<&'static str>,
     seed: u64,
     tokenizer: &'a str,
     pretrain: Option<&'a str>,
@@ -316,6 +327,8 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
     let backend = crate::train::backend::concrete(raw.experiment.backend, &exp.gpu_setup());
     let gpu = backend != BackendChoice::Cpu;
     let pad_multiple = crate::train::backend::pad_multiple(gpu, raw.experiment.pad_multiple);
+    // As `train::backend::start` sets `model::dropout::draw_on_host`.
+    let masks = (!gpu).then_some("host");
     let seed = raw.experiment.seed;
     let pretrain = match (&d.corpus, raw.pretrain.objective) {
         (Some(corpus), objective) if objective != Objective::None => {
@@ -329,6 +342,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
                 backend,
                 precision: raw.experiment.precision,
                 pad_multiple,
+                masks,
                 seed,
                 tokenizer: &tokenizer.hash,
                 model: &raw.model,
@@ -376,6 +390,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
         backend,
         precision: raw.experiment.precision,
         pad_multiple,
+        masks,
         seed,
         tokenizer: &tokenizer.hash,
         pretrain: pretrain.as_ref().map(|k| k.hash.as_str()),

@@ -172,10 +172,20 @@ pub fn dispatch<J: Job>(
     setup: &GpuSetup,
     job: J,
 ) -> Result<J::Output, BackendError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The CPU backend's pool: `RAYON_NUM_THREADS` threads where set (as `--jobs` sets it for each
+    // process), else one per core.
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let cpu = || DeviceInfo {
         backend: "cpu (burn Flex)".into(),
-        device: format!("{} ({threads} threads)", std::env::consts::ARCH),
+        device: format!(
+            "{} ({threads} thread{})",
+            std::env::consts::ARCH,
+            if threads == 1 { "" } else { "s" }
+        ),
         threads,
         ..DeviceInfo::default()
     };
@@ -244,6 +254,7 @@ fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
     info.pad_multiple = pad_multiple(info.pools.is_some(), pad);
     crate::data::batch::set_pad_multiple(info.pad_multiple);
     crate::model::mixed::set_compute(compute);
+    crate::model::dropout::draw_on_host(info.pools.is_none());
     if info.pools.is_none() {
         // The CPU: a panic there is xrun's own bug, shown as Rust shows it.
         return Ok(job.run::<B>(device, info));

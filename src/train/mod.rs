@@ -235,7 +235,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
         let skip = if epoch == start.0 { start.1 } else { 0 };
         for (i, batch) in batches.iter().enumerate().skip(skip) {
             let lr = schedule::learning_rate(optim, step, budget.max_steps);
-            B::seed(
+            crate::model::dropout::seed::<B>(
                 &device,
                 budget.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
