@@ -234,14 +234,6 @@ pub fn run(
     )
 }
 
-/// The variable that sizes the thread pool of burn's CPU backend (rayon's global pool, where
-/// gemm splits its products).
-const THREADS_VAR: &str = "RAYON_NUM_THREADS";
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// The threads each of `jobs` processes gets on `cores`: an equal share, at least one. Each
 /// process would otherwise start a pool as large as the machine, and N of them would ask for N
 /// times its cores, their idle workers spinning on cores the others need. On 2 cores the gain
@@ -277,8 +269,9 @@ fn spawn(
     if let Some(until) = until {
         cmd.args(["--until", until.name()]);
     }
-    if std::env::var_os(THREADS_VAR).is_none() {
-        cmd.env(THREADS_VAR, share_of_cores(cores(), o.jobs).to_string());
+    use crate::train::backend::{cores, CPU_THREADS_VAR};
+    if std::env::var_os(CPU_THREADS_VAR).is_none() {
+        cmd.env(CPU_THREADS_VAR, share_of_cores(cores(), o.jobs).to_string());
     }
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone().map_err(err)?)

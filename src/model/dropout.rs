@@ -47,13 +47,21 @@ pub fn seed<B: Backend>(device: &B::Device, seed: u64) {
     });
 }
 
+/// The keep probability of `dropout` on `x`, or `None` where it drops nothing: outside training
+/// (no autodiff) or at probability 0. burn's `Dropout::forward` makes the same test.
+pub fn keep<B: Backend, const D: usize>(dropout: &Dropout, x: &Tensor<B, D>) -> Option<f64> {
+    (B::ad_enabled(&x.device()) && dropout.prob != 0.0).then_some(1.0 - dropout.prob)
+}
+
 /// burn's `Dropout::forward`, with the mask from [`mask`].
 pub fn forward<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
-    if !B::ad_enabled(&x.device()) || dropout.prob == 0.0 {
-        return x;
+    match keep(dropout, &x) {
+        Some(keep) => {
+            let m = mask(x.dims(), keep, &x);
+            x * m
+        }
+        None => x,
     }
-    let m = mask(x.dims(), 1.0 - dropout.prob, &x);
-    x * m
 }
 
 /// A dropout mask of `shape` on `like`'s device and dtype: `1 / keep` with probability `keep`,
@@ -76,7 +84,7 @@ pub fn mask<B: Backend, const D: usize, const E: usize>(
     }
 }
 
-/// `n` mask values drawn from `rng`: two bytes each, kept below `keep · 65,536`.
+/// The values of a mask of `shape` drawn from `rng`: two bytes each, kept below `keep · 65,536`.
 fn host_mask(rng: &mut ChaCha8Rng, shape: &[usize], keep: f64) -> Vec<f32> {
     let n = shape.iter().product::<usize>();
     let threshold = (keep.clamp(0.0, 1.0) * 65_536.0).round() as u32;

@@ -66,11 +66,11 @@ impl<B: Backend> Rows<B> {
         let Some(index) = &self.index else {
             return super::dropout::forward(dropout, x);
         };
-        if !B::ad_enabled(&x.device()) || dropout.prob == 0.0 {
+        let Some(keep) = super::dropout::keep(dropout, &x) else {
             return x;
-        }
+        };
         let [_, d] = x.dims();
-        let mask = super::dropout::mask([self.total, d], 1.0 - dropout.prob, &x);
+        let mask = super::dropout::mask([self.total, d], keep, &x);
         x * mask.select(0, index.clone())
     }
 }

@@ -165,6 +165,25 @@ pub(crate) fn is_one(n: &usize) -> bool {
     *n == 1
 }
 
+/// The variable that sizes the thread pool of burn's CPU backend (rayon's global pool, where
+/// gemm splits its products); `--jobs` sets it for each process.
+pub const CPU_THREADS_VAR: &str = "RAYON_NUM_THREADS";
+
+/// The cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The threads of the CPU backend's pool: `CPU_THREADS_VAR` where set to a positive number, as
+/// rayon reads it, else one per core.
+fn cpu_threads() -> usize {
+    std::env::var(CPU_THREADS_VAR)
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(cores)
+}
+
 /// Runs `job` on the backend `choice` names, in `precision`, after probing that it works here.
 pub fn dispatch<J: Job>(
     choice: BackendChoice,
@@ -172,13 +191,7 @@ pub fn dispatch<J: Job>(
     setup: &GpuSetup,
     job: J,
 ) -> Result<J::Output, BackendError> {
-    // The CPU backend's pool: `RAYON_NUM_THREADS` threads where set (as `--jobs` sets it for each
-    // process), else one per core.
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|n| n.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = cpu_threads();
     let cpu = || DeviceInfo {
         backend: "cpu (burn Flex)".into(),
         device: format!(
