@@ -542,7 +542,7 @@ mod tests {
         let pad = ids.clone().equal_elem(0);
         let loss = model.forward(ids, pad, Pool::First).powi_scalar(2).mean();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let mut optim = crate::train::adamw(&OptimSection::default().resolve(1e-3)).init();
+        let mut optim = crate::train::adamw(&OptimSection::default().resolve(1e-3));
         let model = optim.step(1e-3, model, grads);
         // Query and value LoRA (A and B each) in one layer, the head's weight and bias.
         assert_eq!(optim.to_record().len(), 2 * 2 + 2);

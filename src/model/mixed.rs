@@ -11,12 +11,15 @@
 //!
 //! With no half type set, which is every f32 and pure bf16/f16 run, each function here is exactly
 //! the plain operation.
+//!
+//! The same per-thread settings record whether the backend computes on the host (the CPU), where
+//! attention outside autodiff and AdamW's update (`train::adamw`) take a path of their own.
 
 use std::cell::Cell;
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, linear as linear_op};
+use burn::tensor::module::{attention, attention_fallback, linear as linear_op};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, FloatDType, Tensor};
 
@@ -24,6 +27,18 @@ thread_local! {
     /// The half type products are computed in, `None` for none. Per thread, like the buffer
     /// limit in `pieces`: the thread that starts a backend builds every tensor operation it runs.
     static COMPUTE: Cell<Option<FloatDType>> = const { Cell::new(None) };
+    /// Whether the thread's backend computes on the host (the CPU backend). Set the same way.
+    static HOST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Records whether the calling thread's backend computes on the host (`true`: the CPU backend).
+pub fn set_host(on: bool) {
+    HOST.with(|h| h.set(on));
+}
+
+/// Whether the calling thread's backend computes on the host.
+pub fn on_host() -> bool {
+    HOST.with(Cell::get)
 }
 
 /// Sets the calling thread's compute type for products (`None`: the tensors' own type).
@@ -64,10 +79,70 @@ pub fn attend<B: Backend>(
     options: AttentionModuleOptions,
 ) -> Tensor<B, 4> {
     match compute() {
+        // On the host, attention outside autodiff is composed of products and a softmax, as it
+        // is under autodiff. The CPU backend's own kernel first copies the queries, keys and
+        // values (views that `swap_dims` left strided) element by element: a third of an
+        // evaluation's time. The products read the views as they are.
+        None if on_host() => attention_fallback(q, k, v, Some(mask), None, options),
         None => attention(q, k, v, Some(mask), None, options),
         Some(half) => {
             let (q, k, v) = (q.cast(half), k.cast(half), v.cast(half));
             attention(q, k, v, Some(mask), None, options).cast(FloatDType::F32)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, TensorData};
+
+    type Cpu = crate::train::backend::Cpu;
+
+    /// Attention composed of products on the host computes what the CPU backend's kernel does,
+    /// on strided views as `SelfAttention` passes them, with padding masked and causally.
+    #[test]
+    fn host_attention_is_the_backends() {
+        let _rng = crate::model::rng_lock();
+        let device = Default::default();
+        let [batch, seq, heads, d_head] = [3, 6, 2, 4];
+        Cpu::seed(&device, 7);
+        let view = || {
+            Tensor::<Cpu, 4>::random(
+                [batch, seq, heads, d_head],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            )
+            .swap_dims(1, 2)
+        };
+        let (q, k, v) = (view(), view(), view());
+        // Row 1 has two padded positions, row 2 one.
+        let pad: Vec<bool> = (0..batch * seq)
+            .map(|i| (i / seq == 1 && i % seq >= 4) || (i / seq == 2 && i % seq == 5))
+            .collect();
+        let mask = Tensor::<Cpu, 2, Bool>::from_data(TensorData::new(pad, [batch, seq]), &device)
+            .reshape([batch, 1, 1, seq])
+            .expand([batch, heads, seq, seq]);
+        for is_causal in [false, true] {
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal,
+            };
+            let run = |host| {
+                set_host(host);
+                let out = attend(q.clone(), k.clone(), v.clone(), mask.clone(), options);
+                set_host(false);
+                out.into_data().to_vec::<f32>().unwrap_or_default()
+            };
+            let (host, kernel) = (run(true), run(false));
+            assert_eq!(host.len(), batch * heads * seq * d_head);
+            let worst = host
+                .iter()
+                .zip(&kernel)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "causal {is_causal}: differs by {worst}");
         }
     }
 }

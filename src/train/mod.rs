@@ -2,6 +2,7 @@
 //! loss and its evaluation (`Task`); the loop owns the optimiser, the schedule, divergence checks,
 //! periodic evaluation, early stopping and the best snapshot.
 
+pub mod adamw;
 pub mod backend;
 pub mod checkpoint;
 pub mod progress;
@@ -10,13 +11,13 @@ pub mod schedule;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
 use crate::config::train::Optim;
 use crate::metrics::{Record, Store};
+pub use adamw::adamw;
 pub use checkpoint::Checkpoints;
 use checkpoint::State;
 pub use progress::Progress;
@@ -161,16 +162,6 @@ pub fn parameter_counts<B: AutodiffBackend, M: burn::module::Module<B>>(
     (count.0, count.1)
 }
 
-pub fn adamw(o: &Optim) -> AdamWConfig {
-    let clip = (o.clip_norm > 0.0).then_some(GradientClippingConfig::Norm(o.clip_norm as f32));
-    AdamWConfig::new()
-        .with_beta_1(o.betas[0] as f32)
-        .with_beta_2(o.betas[1] as f32)
-        .with_epsilon(o.eps as f32)
-        .with_weight_decay(o.weight_decay as f32)
-        .with_grad_clipping(clip)
-}
-
 /// Snapshot bookkeeping: the best score so far and how long since it improved.
 struct Selection<M> {
     best: Option<(f64, usize, M)>,
@@ -191,7 +182,7 @@ pub fn fit<B: AutodiffBackend, T: Task<B>>(
     mut checkpoints: Option<Checkpoints>,
 ) -> Result<Fitted<<T::Model as AutodiffModule<B>>::InnerModule>, TrainError> {
     let device = task.device();
-    let mut optimizer = adamw(optim).init::<B, T::Model>();
+    let mut optimizer = adamw::<B, T::Model>(optim);
     let first_record = store.records.len();
     let mut rec = Recorder {
         stage,
