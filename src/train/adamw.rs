@@ -2,9 +2,9 @@
 //!
 //! burn's `AdamW` updates a parameter in about fifteen tensor operations (two moments, their
 //! bias corrections, the square root, the quotient, the decay, the step), each a pass over the
-//! parameter with a buffer of its own. On the CPU backend that was 5% of an MLM pretraining step
-//! and 5–7% of a fine-tuning step (batches of 32 short headlines, against three million
-//! parameters). On a thread that computes on the host (`model::mixed::on_host`, the CPU backend)
+//! parameter with a buffer of its own. On the CPU backend that was 5% of the samples of both a
+//! length-batched MLM pretraining and a fine-tuning (`perf`, one thread; batches of short
+//! headlines against three million parameters). On a thread that computes on the host (`model::mixed::on_host`, the CPU backend)
 //! the same arithmetic runs here as one loop over the parameter, its gradient and its two moments,
 //! in place: the CPU backend hands a tensor's buffer over without a copy when nothing else holds
 //! it. Each element goes through the same f32 operations in the same order as burn's, so the
@@ -99,6 +99,7 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
                 (zeros(), zeros())
             }
         };
+        let back = |data: TensorData| Tensor::<B, D>::from_data(data, (&device, DType::F32));
         let constants = Constants::new(self, lr, time);
         let slices = (
             param.as_mut_slice::<f32>(),
@@ -110,7 +111,6 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
             constants.update(p, g, m, v, time == 1);
         } else {
             // A buffer that does not read as f32 slices (never seen): burn's arithmetic instead.
-            let back = |data: TensorData| Tensor::<B, D>::from_data(data, (&device, DType::F32));
             let state = (time > 1).then(|| AdamWState {
                 momentum: AdaptiveMomentumState {
                     time: time - 1,
@@ -121,7 +121,6 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
             });
             return SimpleOptimizer::<B>::step(&self.burn, lr, back(param), back(grad), state);
         }
-        let back = |data: TensorData| Tensor::<B, D>::from_data(data, (&device, DType::F32));
         let state = AdamWState {
             momentum: AdaptiveMomentumState {
                 time,
