@@ -327,7 +327,7 @@ pub fn stage_keys(exp: &Experiment, hashes: &mut FileHashes) -> std::io::Result<
     let backend = crate::train::backend::concrete(raw.experiment.backend, &exp.gpu_setup());
     let gpu = backend != BackendChoice::Cpu;
     let pad_multiple = crate::train::backend::pad_multiple(gpu, raw.experiment.pad_multiple);
-    // As `train::backend::start` sets `model::dropout::draw_on_host`.
+    // As `train::backend::start` sets `model::mixed::set_host` (and so dropout's host masks).
     let masks = (!gpu).then_some("host");
     let seed = raw.experiment.seed;
     let pretrain = match (&d.corpus, raw.pretrain.objective) {

@@ -268,7 +268,6 @@ fn start<B: burn::tensor::backend::AutodiffBackend, J: Job>(
     crate::data::batch::set_pad_multiple(info.pad_multiple);
     crate::model::mixed::set_compute(compute);
     crate::model::mixed::set_host(info.pools.is_none());
-    crate::model::dropout::draw_on_host(info.pools.is_none());
     if info.pools.is_none() {
         // The CPU: a panic there is xrun's own bug, shown as Rust shows it.
         return Ok(job.run::<B>(device, info));
