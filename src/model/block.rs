@@ -10,6 +10,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use std::ops::Range;
 
+use super::host::{merge_heads, split_heads};
 use super::linear;
 use super::mixed::attend;
 use super::peft::{project, project_rows, Adapter, Lora, Prefix};
@@ -115,9 +116,8 @@ impl<B: Backend> SelfAttention<B> {
         causal: bool,
         rows: &Rows<B>,
     ) -> Tensor<B, 2> {
-        let [batch, seq, d_model] = x.dims();
-        let d_head = d_model / self.heads;
-        let split = |y: Tensor<B, 3>| y.reshape([batch, seq, self.heads, d_head]).swap_dims(1, 2);
+        let [batch, seq, _] = x.dims();
+        let split = |y: Tensor<B, 3>| split_heads(y, self.heads);
         let q = split(project(&self.query, &self.lora_query, x.clone()));
         let k = split(project(&self.key, &self.lora_key, x.clone()));
         let v = split(project(&self.value, &self.lora_value, x));
@@ -154,7 +154,7 @@ impl<B: Backend> SelfAttention<B> {
             };
             Tensor::cat(parts.iter().map(cut).collect(), 0)
         };
-        let context = context.swap_dims(1, 2).reshape([batch * seq, d_model]);
+        let context = merge_heads(context);
         project_rows(&self.output, &self.lora_output, rows.keep(context), rows)
     }
 }

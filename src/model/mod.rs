@@ -9,6 +9,7 @@
 mod block;
 pub mod dropout;
 mod heads;
+mod host;
 pub mod mixed;
 pub mod peft;
 pub mod pieces;
