@@ -29,12 +29,13 @@ use crate::train::backend::{Cpu, CpuTrain};
 pub fn split_heads<B: Backend>(y: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     let [batch, seq, width] = y.dims();
     let shape = [batch, seq, heads, width / heads];
+    let mut y = y;
     // Outside autodiff the view is all there is: no copy to make.
     if on_host() {
-        match on::<B, CpuTrain, 3, 4>(y, |t| split_tracked(t, shape)) {
-            Ok(heads) => return heads,
-            Err(back) => return back.reshape(shape).swap_dims(1, 2),
-        }
+        y = match on::<B, CpuTrain, 3, 4>(y, |t| split_tracked(t, shape)) {
+            Ok(split) => return split,
+            Err(back) => back,
+        };
     }
     y.reshape(shape).swap_dims(1, 2)
 }
@@ -49,7 +50,7 @@ pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
             Ok(merged) => return merged,
             Err(back) => back,
         };
-        x = match on::<B, Cpu, 4, 2>(x, |t| merge(t, shape)) {
+        x = match on::<B, Cpu, 4, 2>(x, |t| merge(t, &shape)) {
             Ok(merged) => return merged,
             Err(back) => back,
         };
@@ -86,8 +87,8 @@ fn same<F: 'static, T: 'static>(x: F) -> Result<T, F> {
     }
 }
 
-/// `t` `[batch, heads, seq, d_head]` merged into `shape`, copied here.
-fn merge(t: FlexTensor, shape: [usize; 2]) -> FlexTensor {
+/// `t` `[batch, heads, seq, d_head]` with its heads merged, as `shape`, copied here.
+fn merge(t: FlexTensor, shape: &[usize]) -> FlexTensor {
     let swapped = t.transpose(1, 2);
     packed(&swapped)
         .unwrap_or_else(|| swapped.to_contiguous())
@@ -97,27 +98,33 @@ fn merge(t: FlexTensor, shape: [usize; 2]) -> FlexTensor {
 /// The heads merged under autodiff; the backward pass splits the gradient (a view).
 fn merge_tracked(t: FloatTensor<CpuTrain>, dims: [usize; 4]) -> FloatTensor<CpuTrain> {
     let [batch, heads, seq, d_head] = dims;
-    let shape = [batch * seq, heads * d_head];
-    match MergeHeads
-        .prepare::<NoCheckpointing>([t.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(dims, merge(t.primitive, shape)),
-        OpsKind::UnTracked(prep) => prep.finish(merge(t.primitive, shape)),
-    }
+    tracked(MergeHeads, t, dims, |p| {
+        merge(p, &[batch * seq, heads * d_head])
+    })
 }
 
 /// The split under autodiff, a view; the backward pass merges the gradient, copied here.
 fn split_tracked(t: FloatTensor<CpuTrain>, shape: [usize; 4]) -> FloatTensor<CpuTrain> {
-    let view = |p: FlexTensor| p.reshape(Shape::from(shape.to_vec())).transpose(1, 2);
-    match SplitHeads
+    tracked(SplitHeads, t, shape, |p| {
+        p.reshape(Shape::from(shape.to_vec())).transpose(1, 2)
+    })
+}
+
+/// `forward` of `t`'s values as an operation of burn's autodiff whose backward pass is `op`'s,
+/// given `dims`.
+fn tracked<O: Backward<Cpu, 1, State = [usize; 4]>>(
+    op: O,
+    t: FloatTensor<CpuTrain>,
+    dims: [usize; 4],
+    forward: impl FnOnce(FlexTensor) -> FlexTensor,
+) -> FloatTensor<CpuTrain> {
+    match op
         .prepare::<NoCheckpointing>([t.node.clone()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish(shape, view(t.primitive)),
-        OpsKind::UnTracked(prep) => prep.finish(view(t.primitive)),
+        OpsKind::Tracked(prep) => prep.finish(dims, forward(t.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(forward(t.primitive)),
     }
 }
 
@@ -147,11 +154,7 @@ impl Backward<Cpu, 1> for SplitHeads {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [batch, seq, heads, d_head] = ops.state;
         unary::<Cpu, _>(ops.parents, ops.node, grads, |grad| {
-            merge(grad, [batch * seq, heads * d_head]).reshape(Shape::from(vec![
-                batch,
-                seq,
-                heads * d_head,
-            ]))
+            merge(grad, &[batch, seq, heads * d_head])
         });
     }
 }

@@ -13,8 +13,8 @@
 //! the plain operation.
 //!
 //! The same per-thread settings record whether the backend computes on the host (the CPU), where
-//! attention outside autodiff, AdamW's update (`train::adamw`) and dropout's masks
-//! (`model::dropout`) take a path of their own.
+//! attention outside autodiff, the heads' split and merge (`model::host`), AdamW's update
+//! (`train::adamw`) and dropout's masks (`model::dropout`) take a path of their own.
 
 use std::cell::Cell;
 
@@ -33,8 +33,8 @@ thread_local! {
 }
 
 /// Records whether the calling thread's backend computes on the host (`true`: the CPU backend).
-/// The one switch for everything that takes a host path: attention outside autodiff, AdamW's
-/// update, and dropout's masks (`dropout::draw_on_host`).
+/// The one switch for everything that takes a host path: attention outside autodiff, the heads'
+/// split and merge, AdamW's update, and dropout's masks (`dropout::draw_on_host`).
 pub fn set_host(on: bool) {
     HOST.with(|h| h.set(on));
     super::dropout::draw_on_host(on);
