@@ -206,12 +206,55 @@ fn overrides_are_typed_and_checked() {
     assert!(ok.status.success(), "{}", stderr(&ok));
 }
 
+/// The stage keys `xrun plan FILE -v …` prints (`<hash> = {…}` lines), in its order.
+fn plan_keys(file: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["plan", file, "-v"];
+    args.extend_from_slice(extra);
+    let o = xrun(&root(), &args);
+    assert!(o.status.success(), "{file}: {}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.contains("\"stage\""))
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn shipped_experiments_validate() {
     for file in ["experiments/clue_tnews.toml", "experiments/smoke.toml"] {
         let o = xrun(&root(), &["validate", file]);
         assert!(o.status.success(), "{file}: {}", stderr(&o));
     }
+}
+
+/// The methods study promises to reuse the headline's tokenizer, pretrainings and `full`
+/// fine-tunings from the cache, and the headline trains on length batches in both stages: every
+/// stage key the headline plans is one the methods study plans too.
+#[test]
+fn the_methods_study_reuses_every_stage_of_the_headline() {
+    let keys = |file: &str| -> std::collections::BTreeSet<String> {
+        plan_keys(file, &[]).into_iter().collect()
+    };
+    let headline = keys("experiments/clue_tnews.toml");
+    let methods = keys("experiments/fewclue_methods.toml");
+    // A tokenizer, two pretrainings and fifteen fine-tunings.
+    assert_eq!(headline.len(), 18, "{headline:#?}");
+    let trained: Vec<&String> = headline
+        .iter()
+        .filter(|k| !k.contains("\"stage\":\"tokenizer\""))
+        .collect();
+    assert_eq!(trained.len(), 17);
+    assert!(
+        trained
+            .iter()
+            .all(|k| k.contains("\"batching\":\"length\"")),
+        "{trained:#?}"
+    );
+    let missing: Vec<&String> = headline.difference(&methods).collect();
+    assert!(
+        missing.is_empty(),
+        "not planned by the methods study: {missing:#?}"
+    );
 }
 
 #[test]
@@ -2000,17 +2043,7 @@ fn bench_reports_throughput_and_length_batching_cuts_padding() {
 /// and the default leaves keys as they were.
 #[test]
 fn length_batching_is_part_of_the_finetune_key() {
-    let keys = |extra: &[&str]| -> Vec<String> {
-        let mut args = vec!["plan", "experiments/smoke.toml", "-v"];
-        args.extend_from_slice(extra);
-        let o = xrun(&root(), &args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| l.contains("\"stage\""))
-            .map(str::to_string)
-            .collect()
-    };
+    let keys = |extra: &[&str]| plan_keys("experiments/smoke.toml", extra);
     let plain = keys(&[]);
     let explicit = keys(&["--set", "finetune.batching=\"random\""]);
     assert_eq!(plain, explicit);
