@@ -7,8 +7,9 @@
 //! headlines against three million parameters). On a thread that computes on the host
 //! (`model::mixed::on_host`, the CPU backend) the same arithmetic runs here as one loop over the
 //! parameter, its gradient and its two moments, in place: the CPU backend hands a tensor's buffer
-//! over without a copy when nothing else holds it. Each element goes through the same f32 operations in the same order as burn's, so the
-//! numbers are the same to the bit. On a GPU every step is burn's.
+//! over without a copy when nothing else holds it. Each element goes through the same f32
+//! operations in the same order as burn's, so the numbers are the same to the bit. On a GPU every
+//! step is burn's.
 //!
 //! The state is burn's `AdamWState`, so checkpoints hold what they held before.
 
