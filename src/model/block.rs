@@ -3,14 +3,14 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, gelu_approximate};
+use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use std::ops::Range;
 
-use super::host::{merge_heads, split_heads};
+use super::host::{gelu, merge_heads, split_heads};
 use super::linear;
 use super::mixed::attend;
 use super::peft::{project, project_rows, Adapter, Lora, Prefix};

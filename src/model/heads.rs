@@ -6,10 +6,11 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use std::ops::Range;
 
-use burn::tensor::activation::{gelu, log_softmax};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
+use super::host::gelu;
 use super::pieces::{max_buffer, pieces, ELEMENT_BYTES};
 use super::{linear, mixed, INIT};
 

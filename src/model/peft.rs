@@ -11,9 +11,9 @@
 //! - `Prefix`: learned keys and values prepended to every layer's attention (Li & Liang, 2021,
 //!   https://arxiv.org/abs/2101.00190), without the reparameterisation MLP.
 
+use super::host::gelu;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 

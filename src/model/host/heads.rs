@@ -11,18 +11,15 @@
 //! pass is the other one. Anywhere else they are burn's reshape and swap. A copy moves values and
 //! computes none, so every number is the same to the bit.
 
-use std::any::{Any, TypeId};
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{unary, Backward, Ops};
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Shape, Tensor, TensorData};
 
-use super::mixed::on_host;
+use super::{on, on_host, tracked};
 use crate::train::backend::{Cpu, CpuTrain};
 
 /// `y` `[batch, seq, heads·d_head]` as `[batch, heads, seq, d_head]` (a view).
@@ -58,35 +55,6 @@ pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
     x.swap_dims(1, 2).reshape(shape)
 }
 
-/// `f` applied to `x`'s primitive where `B` is `T`; else `x` back.
-fn on<B: Backend, T: Backend, const D: usize, const E: usize>(
-    x: Tensor<B, D>,
-    f: impl FnOnce(FloatTensor<T>) -> FloatTensor<T>,
-) -> Result<Tensor<B, E>, Tensor<B, D>> {
-    if TypeId::of::<B>() != TypeId::of::<T>() {
-        return Err(x);
-    }
-    let TensorPrimitive::Float(p) = x.into_primitive() else {
-        unreachable!("a float tensor of `T` is not quantized here")
-    };
-    let out = f(same::<_, FloatTensor<T>>(p).unwrap_or_else(|_| unreachable!("`B` is `T`")));
-    let out = same::<_, FloatTensor<B>>(out).unwrap_or_else(|_| unreachable!("`T` is `B`"));
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
-}
-
-/// `x` as a `T` where `F` is `T`; else `x` back.
-fn same<F: 'static, T: 'static>(x: F) -> Result<T, F> {
-    let mut slot = Some(x);
-    let taken = (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<T>>()
-        .and_then(Option::take);
-    match (taken, slot) {
-        (Some(t), _) => Ok(t),
-        (None, Some(x)) => Err(x),
-        (None, None) => unreachable!("taken only when it is a `T`"),
-    }
-}
-
 /// `t` `[batch, heads, seq, d_head]` with its heads merged, as `shape`, copied here.
 fn merge(t: FlexTensor, shape: &[usize]) -> FlexTensor {
     let swapped = t.transpose(1, 2);
@@ -98,34 +66,19 @@ fn merge(t: FlexTensor, shape: &[usize]) -> FlexTensor {
 /// The heads merged under autodiff; the backward pass splits the gradient (a view).
 fn merge_tracked(t: FloatTensor<CpuTrain>, dims: [usize; 4]) -> FloatTensor<CpuTrain> {
     let [batch, heads, seq, d_head] = dims;
-    tracked(MergeHeads, t, dims, |p| {
-        merge(p, &[batch * seq, heads * d_head])
+    tracked(MergeHeads, t, |p| {
+        (merge(p, &[batch * seq, heads * d_head]), dims)
     })
 }
 
 /// The split under autodiff, a view; the backward pass merges the gradient, copied here.
 fn split_tracked(t: FloatTensor<CpuTrain>, shape: [usize; 4]) -> FloatTensor<CpuTrain> {
-    tracked(SplitHeads, t, shape, |p| {
-        p.reshape(Shape::from(shape.to_vec())).transpose(1, 2)
+    tracked(SplitHeads, t, |p| {
+        (
+            p.reshape(Shape::from(shape.to_vec())).transpose(1, 2),
+            shape,
+        )
     })
-}
-
-/// `forward` of `t`'s values as an operation of burn's autodiff whose backward pass is `op`'s,
-/// given `dims`.
-fn tracked<O: Backward<Cpu, 1, State = [usize; 4]>>(
-    op: O,
-    t: FloatTensor<CpuTrain>,
-    dims: [usize; 4],
-    forward: impl FnOnce(FlexTensor) -> FlexTensor,
-) -> FloatTensor<CpuTrain> {
-    match op
-        .prepare::<NoCheckpointing>([t.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(dims, forward(t.primitive)),
-        OpsKind::UnTracked(prep) => prep.finish(forward(t.primitive)),
-    }
 }
 
 #[derive(Debug)]

@@ -1,0 +1,111 @@
+//! Operations computed here, on the host, where the thread's backend is the CPU backend.
+//!
+//! burn's CPU backend computes its matrix products on rayon's pool, every core at work, and every
+//! other operation one element at a time on the thread that calls it, while the pool waits. On
+//! two cores that serial share was 63% of a bert-mini MLM step's wall time (`perf`, per thread;
+//! BENCHMARKS.md, "GELU on every core"). The operations here take the largest parts of it onto
+//! the pool, or copy with fewer passes:
+//! - `heads`: attention's head split and merge, copied `d_head` values at a time;
+//! - `gelu`: GELU and its gradient, on every core, to the bit what the backend computes.
+//!
+//! Each is an operation of burn's autodiff on `CpuTrain` and a plain one on `Cpu`, taken where
+//! `mixed::on_host` says the thread computes on the host and the tensor's backend is one of those
+//! two; anywhere else (a GPU, a test's other backend) the function is burn's own.
+
+mod gelu;
+mod heads;
+
+pub use gelu::gelu;
+pub use heads::{merge_heads, split_heads};
+
+use std::any::{Any, TypeId};
+use std::fmt::Debug;
+
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::ops::{Backward, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+use rayon::prelude::*;
+
+use super::mixed::on_host;
+use crate::train::backend::{Cpu, CpuTrain};
+
+/// `f` applied to `x`'s primitive where `B` is `T`; else `x` back.
+fn on<B: Backend, T: Backend, const D: usize, const E: usize>(
+    x: Tensor<B, D>,
+    f: impl FnOnce(FloatTensor<T>) -> FloatTensor<T>,
+) -> Result<Tensor<B, E>, Tensor<B, D>> {
+    if TypeId::of::<B>() != TypeId::of::<T>() {
+        return Err(x);
+    }
+    let TensorPrimitive::Float(p) = x.into_primitive() else {
+        unreachable!("a float tensor of `T` is not quantized here")
+    };
+    let out = f(same::<_, FloatTensor<T>>(p).unwrap_or_else(|_| unreachable!("`B` is `T`")));
+    let out = same::<_, FloatTensor<B>>(out).unwrap_or_else(|_| unreachable!("`T` is `B`"));
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// `x` as a `T` where `F` is `T`; else `x` back.
+fn same<F: 'static, T: 'static>(x: F) -> Result<T, F> {
+    let mut slot = Some(x);
+    let taken = (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<T>>()
+        .and_then(Option::take);
+    match (taken, slot) {
+        (Some(t), _) => Ok(t),
+        (None, Some(x)) => Err(x),
+        (None, None) => unreachable!("taken only when it is a `T`"),
+    }
+}
+
+/// `forward` of `t`'s values as an operation of burn's autodiff whose backward pass is `op`'s;
+/// `forward` returns the output and what the backward pass keeps of the step.
+fn tracked<S, O>(
+    op: O,
+    t: FloatTensor<CpuTrain>,
+    forward: impl FnOnce(FlexTensor) -> (FlexTensor, S),
+) -> FloatTensor<CpuTrain>
+where
+    S: Clone + Send + Debug + 'static,
+    O: Backward<Cpu, 1, State = S>,
+{
+    match op
+        .prepare::<NoCheckpointing>([t.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (out, state) = forward(t.primitive);
+            prep.finish(state, out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(t.primitive).0),
+    }
+}
+
+/// Elements below which a map stays on the calling thread, and the fewest one task of the pool
+/// takes: handing work to the pool and waiting for it costs a few microseconds.
+const GRAIN: usize = 1 << 14;
+
+/// `f` of each of `x`'s values, computed on rayon's pool.
+fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    if x.len() < 2 * GRAIN {
+        return x.iter().map(|&v| f(v)).collect();
+    }
+    x.par_iter().with_min_len(GRAIN).map(|&v| f(v)).collect()
+}
+
+/// `f` of each pair of `x`'s and `y`'s values (of one length), computed on rayon's pool.
+fn zip_map(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    debug_assert_eq!(x.len(), y.len());
+    if x.len() < 2 * GRAIN {
+        return x.iter().zip(y).map(|(&a, &b)| f(a, b)).collect();
+    }
+    x.par_iter()
+        .zip(y)
+        .with_min_len(GRAIN)
+        .map(|(&a, &b)| f(a, b))
+        .collect()
+}
