@@ -13,14 +13,14 @@
 //! the plain operation.
 //!
 //! The same per-thread settings record whether the backend computes on the host (the CPU), where
-//! attention outside autodiff, the heads' split and merge (`model::host`), AdamW's update
-//! (`train::adamw`) and dropout's masks (`model::dropout`) take a path of their own.
+//! attention, GELU, the heads' split and merge (`model::host`), AdamW's update (`train::adamw`)
+//! and dropout's masks (`model::dropout`) take a path of their own.
 
 use std::cell::Cell;
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, attention_fallback, linear as linear_op};
+use burn::tensor::module::{attention, linear as linear_op};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, FloatDType, Tensor};
 
@@ -33,8 +33,8 @@ thread_local! {
 }
 
 /// Records whether the calling thread's backend computes on the host (`true`: the CPU backend).
-/// The one switch for everything that takes a host path: attention outside autodiff, the heads'
-/// split and merge, AdamW's update, and dropout's masks (`dropout::draw_on_host`).
+/// The one switch for everything that takes a host path: attention, GELU, the heads' split and
+/// merge (`model::host`), AdamW's update, and dropout's masks (`dropout::draw_on_host`).
 pub fn set_host(on: bool) {
     HOST.with(|h| h.set(on));
     super::dropout::draw_on_host(on);
@@ -83,11 +83,12 @@ pub fn attend<B: Backend>(
     options: AttentionModuleOptions,
 ) -> Tensor<B, 4> {
     match compute() {
-        // On the host, attention outside autodiff is composed of products and a softmax, as it
-        // is under autodiff. The CPU backend's own kernel first copies the queries, keys and
-        // values (views that `swap_dims` left strided) element by element: 23% of an
-        // evaluation's samples in a profile. The products read the views as they are.
-        None if on_host() => attention_fallback(q, k, v, Some(mask), None, options),
+        // On the host, attention is burn's products around a softmax computed in one pass per
+        // row (`host::attention`), in training and evaluation alike. The CPU backend's own
+        // kernel first copies the queries, keys and values (views that `swap_dims` left
+        // strided) element by element: 23% of an evaluation's samples in a profile. The
+        // products read the views as they are.
+        None if on_host() => super::host::attention(q, k, v, mask, options),
         None => attention(q, k, v, Some(mask), None, options),
         Some(half) => {
             let (q, k, v) = (q.cast(half), k.cast(half), v.cast(half));

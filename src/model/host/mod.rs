@@ -6,15 +6,18 @@
 //! BENCHMARKS.md, "GELU on every core"). The operations here take the largest parts of it onto
 //! the pool, or copy with fewer passes:
 //! - `heads`: attention's head split and merge, copied `d_head` values at a time;
-//! - `gelu`: GELU and its gradient, on every core, to the bit what the backend computes.
+//! - `gelu`: GELU and its gradient, on every core, to the bit what the backend computes;
+//! - `attention`: attention's softmax and its gradient in one pass per row, on every core.
 //!
 //! Each is an operation of burn's autodiff on `CpuTrain` and a plain one on `Cpu`, taken where
 //! `mixed::on_host` says the thread computes on the host and the tensor's backend is one of those
 //! two; anywhere else (a GPU, a test's other backend) the function is burn's own.
 
+mod attention;
 mod gelu;
 mod heads;
 
+pub use attention::attention;
 pub use gelu::gelu;
 pub use heads::{merge_heads, split_heads};
 
@@ -31,6 +34,11 @@ use rayon::prelude::*;
 
 use super::mixed::on_host;
 use crate::train::backend::{Cpu, CpuTrain};
+
+/// Whether `B` is the CPU backend, with autodiff or without.
+fn cpu<B: Backend>() -> bool {
+    [TypeId::of::<Cpu>(), TypeId::of::<CpuTrain>()].contains(&TypeId::of::<B>())
+}
 
 /// `f` applied to `x`'s primitive where `B` is `T`; else `x` back.
 fn on<B: Backend, T: Backend, const D: usize, const E: usize>(
