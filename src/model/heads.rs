@@ -6,11 +6,10 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use std::ops::Range;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
-use super::host::gelu;
+use super::host::{gelu, target_log_probs};
 use super::pieces::{max_buffer, pieces, ELEMENT_BYTES};
 use super::{linear, mixed, INIT};
 
@@ -67,12 +66,7 @@ impl<B: Backend> LmHead<B> {
         hidden: Tensor<B, 2>,
         targets: Tensor<B, 1, Int>,
     ) -> Tensor<B, 1> {
-        let scored = |hidden, targets: Tensor<B, 1, Int>| {
-            let [n] = targets.dims();
-            log_softmax(self.forward(hidden), 1)
-                .gather(1, targets.reshape([n, 1]))
-                .reshape([n])
-        };
+        let scored = |hidden, targets| target_log_probs(self.forward(hidden), targets);
         let [n] = targets.dims();
         // `lazy_shape`: reading the shape must not initialise a lazy parameter, which would draw
         // its weights out of turn and change what a seed gives.

@@ -24,9 +24,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention_fallback;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Tensor, TensorData};
-use rayon::prelude::*;
 
-use super::{cpu, on, on_host, same, tracked, GRAIN};
+use super::{contiguous, cpu, on, on_host, rows, same, tracked};
 use crate::train::backend::{Cpu, CpuTrain};
 
 /// `softmax(q · kᵀ · scale, masked) · v` for `q` `[batch, heads, seq, d_head]`, `k` and `v`
@@ -174,29 +173,6 @@ fn backward(probs: &FlexTensor, grad: FlexTensor, scale: f32) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 
-/// `f(row, values)` for each row of `keys` values of `out`, rows spread over rayon's pool.
-fn rows(out: &mut [f32], keys: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    let keys = keys.max(1);
-    if out.len() < 2 * GRAIN {
-        out.chunks_mut(keys).enumerate().for_each(|(r, v)| f(r, v));
-    } else {
-        out.par_chunks_mut(keys)
-            .enumerate()
-            .with_min_len(GRAIN.div_ceil(keys))
-            .for_each(|(r, v)| f(r, v));
-    }
-}
-
-/// `t` itself where it is a contiguous f32 tensor from its storage's start; else a copy that is.
-fn contiguous(t: &FlexTensor) -> FlexTensor {
-    let layout = t.layout();
-    if layout.is_contiguous() && layout.start_offset() == 0 {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Softmax {
     scale: f32,
@@ -216,6 +192,7 @@ impl Backward<Cpu, 1> for Softmax {
 
 #[cfg(test)]
 mod tests {
+    use super::super::assert_close;
     use super::*;
     use burn::tensor::Distribution;
 
@@ -302,19 +279,10 @@ mod tests {
                 let (host, burn) = (run(true), run(false));
                 let what = ["output", "evaluation", "queries", "keys", "values"];
                 for ((h, b), what) in host.iter().zip(&burn).zip(what) {
-                    let (h, b) = (h.as_ref().unwrap(), b.as_ref().unwrap());
-                    assert_eq!(h.len(), b.len(), "{what}");
-                    assert!(h.iter().all(|x| x.is_finite()), "{what}: not finite");
-                    let worst = h
-                        .iter()
-                        .zip(b)
-                        .map(|(x, y)| (x - y).abs())
-                        .fold(0.0, f32::max);
-                    let size = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
-                    assert!(
-                        worst <= 1e-5 * size.max(1.0),
-                        "{what}, [{batch}, {heads}, {seq}, {keys}], causal {is_causal}: {worst} off"
-                    );
+                    let (h, b) = (h.as_deref().unwrap(), b.as_deref().unwrap());
+                    let case =
+                        format!("{what}, [{batch}, {heads}, {seq}, {keys}], causal {is_causal}");
+                    assert_close(h, b, &case);
                 }
             }
         }

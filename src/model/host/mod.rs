@@ -7,7 +7,9 @@
 //! the pool, or copy with fewer passes:
 //! - `heads`: attention's head split and merge, copied `d_head` values at a time;
 //! - `gelu`: GELU and its gradient, on every core, to the bit what the backend computes;
-//! - `attention`: attention's softmax and its gradient in one pass per row, on every core.
+//! - `attention`: attention's softmax and its gradient in one pass per row, on every core;
+//! - `log_probs`: the LM head's log-probabilities of its targets, in one pass per row, on every
+//!   core, without the `[rows, vocab]` log-softmax.
 //!
 //! Each is an operation of burn's autodiff on `CpuTrain` and a plain one on `Cpu`, taken where
 //! `mixed::on_host` says the thread computes on the host and the tensor's backend is one of those
@@ -16,10 +18,12 @@
 mod attention;
 mod gelu;
 mod heads;
+mod log_probs;
 
 pub use attention::attention;
 pub use gelu::gelu;
 pub use heads::{merge_heads, split_heads};
+pub use log_probs::target_log_probs;
 
 use std::any::{Any, TypeId};
 use std::fmt::Debug;
@@ -116,4 +120,43 @@ fn zip_map(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> V
         .with_min_len(GRAIN)
         .map(|(&a, &b)| f(a, b))
         .collect()
+}
+
+/// `f(row, values)` for each row of `width` values of `out`, rows spread over rayon's pool.
+fn rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let width = width.max(1);
+    if out.len() < 2 * GRAIN {
+        out.chunks_mut(width).enumerate().for_each(|(r, v)| f(r, v));
+    } else {
+        out.par_chunks_mut(width)
+            .enumerate()
+            .with_min_len(GRAIN.div_ceil(width))
+            .for_each(|(r, v)| f(r, v));
+    }
+}
+
+/// `t` itself where it is a contiguous f32 tensor from its storage's start; else a copy that is.
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    let layout = t.layout();
+    if layout.is_contiguous() && layout.start_offset() == 0 {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// Asserts that `host` holds as many values as `burn`, some, all finite, each within 1e-5 of the
+/// largest of `burn`'s magnitudes (or of 1): the same numbers to rounding.
+#[cfg(test)]
+fn assert_close(host: &[f32], burn: &[f32], case: &str) {
+    assert_eq!(host.len(), burn.len(), "{case}");
+    assert!(!burn.is_empty(), "{case}: no values");
+    assert!(host.iter().all(|x| x.is_finite()), "{case}: not finite");
+    let worst = host
+        .iter()
+        .zip(burn)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    let size = burn.iter().map(|y| y.abs()).fold(0.0, f32::max);
+    assert!(worst <= 1e-5 * size.max(1.0), "{case}: {worst} off");
 }
