@@ -7,9 +7,9 @@
 //! four-dimensional view one element at a time (`StridedIter`): 9.5% of the samples of a
 //! length-batched fine-tuning (`perf`, one thread; 4.5% in the merges, 5% in the splits'
 //! gradients). On a thread that computes on the host (`mixed::on_host`) both copies are made here,
-//! `d_head` contiguous values at a time, through an operation of burn's autodiff whose backward
-//! pass is the other one. Anywhere else they are burn's reshape and swap. A copy moves values and
-//! computes none, so every number is the same to the bit.
+//! `d_head` contiguous values at a time, blocks spread over rayon's pool, through an operation of
+//! burn's autodiff whose backward pass is the other one. Anywhere else they are burn's reshape and
+//! swap. A copy moves values and computes none, so every number is the same to the bit.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -18,8 +18,9 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorData};
+use rayon::prelude::*;
 
-use super::{on, on_host, tracked};
+use super::{on, on_host, tracked, GRAIN};
 use crate::train::backend::{Cpu, CpuTrain};
 
 /// `y` `[batch, seq, heads·d_head]` as `[batch, heads, seq, d_head]` (a view).
@@ -129,20 +130,40 @@ fn packed(t: &FlexTensor) -> Option<FlexTensor> {
         .collect::<Option<_>>()?;
     let src: &[f32] = t.storage();
     let start = layout.start_offset();
-    let mut out = Vec::with_capacity(dims.iter().product());
-    for i in 0..dims[0] {
-        for j in 0..dims[1] {
-            for k in 0..dims[2] {
-                let base = start + i * strides[0] + j * strides[1] + k * strides[2];
-                if strides[3] == 1 {
-                    out.extend_from_slice(src.get(base..base + dims[3])?);
-                } else {
-                    for l in 0..dims[3] {
-                        out.push(*src.get(base + l * strides[3])?);
-                    }
+    let count: usize = dims.iter().product();
+    // The last element read lies within the storage: then every one does.
+    let last: usize = start
+        + (0..4)
+            .map(|d| dims[d].saturating_sub(1) * strides[d])
+            .sum::<usize>();
+    if count > 0 && last >= src.len() {
+        return None;
+    }
+    // One `[seq, d_head]` block of a head (or of whatever the second dimension is) per task.
+    let copy = |block: usize, out: &mut [f32]| {
+        let (i, j) = (block / dims[1], block % dims[1]);
+        for (k, out) in out.chunks_mut(dims[3]).enumerate() {
+            let base = start + i * strides[0] + j * strides[1] + k * strides[2];
+            if strides[3] == 1 {
+                out.copy_from_slice(&src[base..base + dims[3]]);
+            } else {
+                for (l, o) in out.iter_mut().enumerate() {
+                    *o = src[base + l * strides[3]];
                 }
             }
         }
+    };
+    let mut out = vec![0.0f32; count];
+    let block = (dims[2] * dims[3]).max(1);
+    if count < 2 * GRAIN {
+        out.chunks_mut(block)
+            .enumerate()
+            .for_each(|(b, o)| copy(b, o));
+    } else {
+        out.par_chunks_mut(block)
+            .enumerate()
+            .with_min_len(GRAIN.div_ceil(block))
+            .for_each(|(b, o)| copy(b, o));
     }
     Some(FlexTensor::from_data(TensorData::new(out, dims.to_vec())))
 }
@@ -201,17 +222,21 @@ mod tests {
     /// The packed copy is the view's values in row-major order, strided last dimension included.
     #[test]
     fn packed_copies_a_view_in_order() {
-        let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
-        let t = FlexTensor::from_data(TensorData::new(values, vec![2, 3, 2, 2]));
-        for view in [
-            t.transpose(1, 2),
-            t.transpose(2, 3),
-            t.permute(&[3, 1, 0, 2]),
-        ] {
-            let want = view.to_contiguous().into_data().to_vec::<f32>().ok();
-            let got = packed(&view).and_then(|p| p.into_data().to_vec::<f32>().ok());
-            assert!(want.is_some());
-            assert_eq!(got, want);
+        // Few enough values for the calling thread, and enough for the pool.
+        for dims in [[2, 3, 2, 2], [4, 8, 40, 32]] {
+            let count: usize = dims.iter().product();
+            let values: Vec<f32> = (0..count).map(|v| v as f32).collect();
+            let t = FlexTensor::from_data(TensorData::new(values, dims.to_vec()));
+            for view in [
+                t.transpose(1, 2),
+                t.transpose(2, 3),
+                t.permute(&[3, 1, 0, 2]),
+            ] {
+                let want = view.to_contiguous().into_data().to_vec::<f32>().ok();
+                let got = packed(&view).and_then(|p| p.into_data().to_vec::<f32>().ok());
+                assert!(want.as_ref().is_some_and(|w| w.len() == count));
+                assert_eq!(got, want, "{dims:?}");
+            }
         }
     }
 }
