@@ -25,8 +25,8 @@ use burn::tensor::module::attention_fallback;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Tensor, TensorData};
 
-use super::{contiguous, cpu, on, on_host, rows, same, tracked};
-use crate::train::backend::{Cpu, CpuTrain};
+use super::{contiguous, cpu, on_cpu, on_host, rows, same, tracked};
+use crate::train::backend::Cpu;
 
 /// `softmax(q · kᵀ · scale, masked) · v` for `q` `[batch, heads, seq, d_head]`, `k` and `v`
 /// `[batch, heads, keys, d_head]` and `mask` `[batch, heads, seq, keys]` (`true`: masked).
@@ -52,20 +52,15 @@ pub fn attention<B: Backend>(
         .scale
         .unwrap_or_else(|| 1.0 / (d_head as f64).sqrt()) as f32;
     let scores = q.matmul(k.swap_dims(2, 3));
-    let op = Softmax { scale };
-    let scores = match on::<B, CpuTrain, 4, 4>(scores, |t| {
-        tracked(op, t, |p| {
+    let train = |t| {
+        tracked(Softmax { scale }, t, |p| {
             let probs = forward(&p, &mask, scale);
             (probs.clone(), probs)
         })
-    }) {
-        Ok(probs) => return probs.matmul(v),
-        Err(back) => back,
     };
-    match on::<B, Cpu, 4, 4>(scores, |t| forward(&t, &mask, scale)) {
-        Ok(probs) => probs.matmul(v),
-        Err(_) => unreachable!("`B` is `Cpu` or `CpuTrain`"),
-    }
+    let probs = on_cpu::<B, 4, 4>(scores, train, |t| forward(&t, &mask, scale))
+        .unwrap_or_else(|_| unreachable!("`B` is `Cpu` or `CpuTrain`, on the host"));
+    probs.matmul(v)
 }
 
 /// Where a row's keys are masked: the padding mask's bytes with their strides, and the causal
@@ -194,6 +189,7 @@ impl Backward<Cpu, 1> for Softmax {
 mod tests {
     use super::super::assert_close;
     use super::*;
+    use crate::train::backend::CpuTrain;
     use burn::tensor::Distribution;
 
     /// Attention here gives burn's composition's output and gradients for the queries, keys and

@@ -16,23 +16,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::ActivationOps;
 use burn::tensor::{Tensor, TensorData};
 
-use super::{map, on, on_host, tracked, zip_map};
-use crate::train::backend::{Cpu, CpuTrain};
+use super::{map, on_cpu, tracked, zip_map};
+use crate::train::backend::Cpu;
 
 /// `0.5 · x · (1 + erf(x / √2))` (Hendrycks & Gimpel, 2016), burn's `gelu`.
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let mut x = x;
-    if on_host() {
-        x = match on::<B, CpuTrain, D, D>(x, |t| tracked(Gelu, t, |p| (forward(&p), p))) {
-            Ok(y) => return y,
-            Err(back) => back,
-        };
-        x = match on::<B, Cpu, D, D>(x, |t| forward(&t)) {
-            Ok(y) => return y,
-            Err(back) => back,
-        };
-    }
-    burn::tensor::activation::gelu(x)
+    let train = |t| tracked(Gelu, t, |p| (forward(&p), p));
+    on_cpu(x, train, |t| forward(&t)).unwrap_or_else(burn::tensor::activation::gelu)
 }
 
 /// GELU of `x`'s values.
@@ -83,6 +73,7 @@ impl Backward<Cpu, 1> for Gelu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::backend::CpuTrain;
     use burn::tensor::Distribution;
 
     /// GELU and its gradient here are burn's to the bit, on tensors large enough for the pool to

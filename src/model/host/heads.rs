@@ -18,9 +18,8 @@ use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorData};
-use rayon::prelude::*;
 
-use super::{on, on_host, tracked, GRAIN};
+use super::{on, on_cpu, on_host, rows, tracked};
 use crate::train::backend::{Cpu, CpuTrain};
 
 /// `y` `[batch, seq, heads·d_head]` as `[batch, heads, seq, d_head]` (a view).
@@ -42,18 +41,8 @@ pub fn split_heads<B: Backend>(y: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
 pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
     let [batch, heads, seq, d_head] = x.dims();
     let shape = [batch * seq, heads * d_head];
-    let mut x = x;
-    if on_host() {
-        x = match on::<B, CpuTrain, 4, 2>(x, |t| merge_tracked(t, [batch, heads, seq, d_head])) {
-            Ok(merged) => return merged,
-            Err(back) => back,
-        };
-        x = match on::<B, Cpu, 4, 2>(x, |t| merge(t, &shape)) {
-            Ok(merged) => return merged,
-            Err(back) => back,
-        };
-    }
-    x.swap_dims(1, 2).reshape(shape)
+    let train = |t| merge_tracked(t, [batch, heads, seq, d_head]);
+    on_cpu(x, train, |t| merge(t, &shape)).unwrap_or_else(|x| x.swap_dims(1, 2).reshape(shape))
 }
 
 /// `t` `[batch, heads, seq, d_head]` with its heads merged, as `shape`, copied here.
@@ -154,17 +143,7 @@ fn packed(t: &FlexTensor) -> Option<FlexTensor> {
         }
     };
     let mut out = vec![0.0f32; count];
-    let block = (dims[2] * dims[3]).max(1);
-    if count < 2 * GRAIN {
-        out.chunks_mut(block)
-            .enumerate()
-            .for_each(|(b, o)| copy(b, o));
-    } else {
-        out.par_chunks_mut(block)
-            .enumerate()
-            .with_min_len(GRAIN.div_ceil(block))
-            .for_each(|(b, o)| copy(b, o));
-    }
+    rows(&mut out, dims[2] * dims[3], copy);
     Some(FlexTensor::from_data(TensorData::new(out, dims.to_vec())))
 }
 

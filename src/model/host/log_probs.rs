@@ -22,8 +22,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::{contiguous, cpu, on, on_host, rows, tracked, GRAIN};
-use crate::train::backend::{Cpu, CpuTrain};
+use super::{contiguous, cpu, on_cpu, on_host, rows, tracked, GRAIN};
+use crate::train::backend::Cpu;
 
 /// `log_softmax(logits, 1)` at `targets`: `logits` `[n, vocab]`, `targets` `[n]`; returns `[n]`.
 pub fn target_log_probs<B: Backend>(
@@ -44,7 +44,7 @@ pub fn target_log_probs<B: Backend>(
             _ => panic!("target id {t} is outside the vocabulary of {vocab} tokens"),
         })
         .collect();
-    let logits = match on::<B, CpuTrain, 2, 1>(logits, |t| {
+    let train = |t| {
         tracked(TargetLogProbs, t, |x| {
             let x = contiguous(&x);
             let (out, stats) = forward(&x, &targets, vocab);
@@ -55,14 +55,10 @@ pub fn target_log_probs<B: Backend>(
             };
             (out, state)
         })
-    }) {
-        Ok(out) => return out,
-        Err(back) => back,
     };
-    match on::<B, Cpu, 2, 1>(logits, |x| forward(&contiguous(&x), &targets, vocab).0) {
-        Ok(out) => out,
-        Err(_) => unreachable!("`B` is `Cpu` or `CpuTrain`"),
-    }
+    let plain = |x| forward(&contiguous(&x), &targets, vocab).0;
+    on_cpu::<B, 2, 1>(logits, train, plain)
+        .unwrap_or_else(|_| unreachable!("`B` is `Cpu` or `CpuTrain`, on the host"))
 }
 
 /// The log-probabilities `[n]` of `targets` under the rows of `x` (contiguous `[n, vocab]`), and
@@ -133,6 +129,7 @@ impl Backward<Cpu, 1> for TargetLogProbs {
 mod tests {
     use super::super::assert_close;
     use super::*;
+    use crate::train::backend::CpuTrain;
     use burn::tensor::Distribution;
 
     /// The log-probabilities of the targets and the logits' gradient are burn's composition's to

@@ -60,6 +60,22 @@ fn on<B: Backend, T: Backend, const D: usize, const E: usize>(
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
+/// `x` through `train` where `B` is `CpuTrain` and through `plain` where it is `Cpu`, on a thread
+/// that computes on the host; else `x` back, for burn's own function.
+fn on_cpu<B: Backend, const D: usize, const E: usize>(
+    x: Tensor<B, D>,
+    train: impl FnOnce(FloatTensor<CpuTrain>) -> FloatTensor<CpuTrain>,
+    plain: impl FnOnce(FlexTensor) -> FlexTensor,
+) -> Result<Tensor<B, E>, Tensor<B, D>> {
+    if !on_host() {
+        return Err(x);
+    }
+    match on::<B, CpuTrain, D, E>(x, train) {
+        Ok(y) => Ok(y),
+        Err(x) => on::<B, Cpu, D, E>(x, plain),
+    }
+}
+
 /// `x` as a `T` where `F` is `T`; else `x` back.
 fn same<F: 'static, T: 'static>(x: F) -> Result<T, F> {
     let mut slot = Some(x);
