@@ -10,7 +10,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use std::ops::Range;
 
-use super::host::{gelu, merge_heads, split_heads};
+use super::host::{gelu, layer_norm, merge_heads, split_heads};
 use super::linear;
 use super::mixed::attend;
 use super::peft::{project, project_rows, Adapter, Lora, Prefix};
@@ -62,6 +62,9 @@ pub struct Block<B: Backend> {
     pub norm_feed_forward: LayerNorm<B>,
     pub dropout: Dropout,
     pub pre_norm: bool,
+    /// The LayerNorms' epsilon, which burn's `LayerNorm` keeps private (`host::layer_norm` reads
+    /// it here). Not part of the record: a checkpoint saved before it loads as it did.
+    pub norm_eps: f64,
     /// Bottleneck adapters after attention and after the feed-forward network
     /// (`finetune.method = "adapter"`).
     pub adapter_attention: Option<Adapter<B>>,
@@ -99,6 +102,7 @@ impl BlockConfig {
                 .init(device),
             dropout: DropoutConfig::new(self.dropout).init(),
             pre_norm: self.pre_norm,
+            norm_eps: self.norm_eps,
             adapter_attention: None,
             adapter_feed_forward: None,
         }
@@ -229,13 +233,13 @@ impl<B: Backend> Block<B> {
         let kept = |x: Tensor<B, 3>| rows.keep(x.reshape([batch * seq, d]));
         let drop = |h: Tensor<B, 2>| rows.dropout(&self.dropout, h);
         if self.pre_norm {
-            let h = self.norm_attention.forward(x.clone());
+            let h = layer_norm(&self.norm_attention, self.norm_eps, x.clone());
             let a = adapt(
                 &self.adapter_attention,
                 self.attention.forward(h, mask, causal, rows),
             );
             let x = kept(x) + drop(a);
-            let h = self.norm_feed_forward.forward(x.clone());
+            let h = layer_norm(&self.norm_feed_forward, self.norm_eps, x.clone());
             let f = adapt(
                 &self.adapter_feed_forward,
                 self.feed_forward.forward(h, rows),
@@ -246,12 +250,12 @@ impl<B: Backend> Block<B> {
                 &self.adapter_attention,
                 self.attention.forward(x.clone(), mask, causal, rows),
             );
-            let x = self.norm_attention.forward(kept(x) + drop(a));
+            let x = layer_norm(&self.norm_attention, self.norm_eps, kept(x) + drop(a));
             let f = adapt(
                 &self.adapter_feed_forward,
                 self.feed_forward.forward(x.clone(), rows),
             );
-            self.norm_feed_forward.forward(x + drop(f))
+            layer_norm(&self.norm_feed_forward, self.norm_eps, x + drop(f))
         }
     }
 

@@ -9,7 +9,7 @@ use std::ops::Range;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 
-use super::host::{gelu, target_log_probs};
+use super::host::{gelu, layer_norm, target_log_probs};
 use super::pieces::{max_buffer, pieces, ELEMENT_BYTES};
 use super::{linear, mixed, INIT};
 
@@ -20,6 +20,8 @@ pub struct LmHead<B: Backend> {
     pub dense: Option<Linear<B>>,
     pub norm: Option<LayerNorm<B>>,
     pub decoder: Linear<B>,
+    /// The LayerNorm's epsilon (see `Block::norm_eps`); not part of the record.
+    pub norm_eps: f64,
 }
 
 impl<B: Backend> LmHead<B> {
@@ -44,6 +46,7 @@ impl<B: Backend> LmHead<B> {
                 .with_initializer(INIT)
                 .with_bias(transform)
                 .init(device),
+            norm_eps,
         }
     }
 
@@ -53,7 +56,7 @@ impl<B: Backend> LmHead<B> {
             h = gelu(mixed::linear(dense, h));
         }
         if let Some(norm) = &self.norm {
-            h = norm.forward(h);
+            h = layer_norm(norm, self.norm_eps, h);
         }
         mixed::linear(&self.decoder, h)
     }

@@ -13,8 +13,8 @@
 //! the plain operation.
 //!
 //! The same per-thread settings record whether the backend computes on the host (the CPU), where
-//! attention, GELU, the heads' split and merge (`model::host`), AdamW's update (`train::adamw`)
-//! and dropout's masks (`model::dropout`) take a path of their own.
+//! projections, attention, GELU, the heads' split and merge (`model::host`), AdamW's update
+//! (`train::adamw`) and dropout's masks (`model::dropout`) take a path of their own.
 
 use std::cell::Cell;
 
@@ -33,8 +33,8 @@ thread_local! {
 }
 
 /// Records whether the calling thread's backend computes on the host (`true`: the CPU backend).
-/// The one switch for everything that takes a host path: attention, GELU, the heads' split and
-/// merge (`model::host`), AdamW's update, and dropout's masks (`dropout::draw_on_host`).
+/// The one switch for everything that takes a host path: projections, attention, GELU, the heads'
+/// split and merge (`model::host`), AdamW's update, and dropout's masks (`dropout::draw_on_host`).
 pub fn set_host(on: bool) {
     HOST.with(|h| h.set(on));
     super::dropout::draw_on_host(on);
@@ -55,10 +55,11 @@ pub fn compute() -> Option<FloatDType> {
     COMPUTE.with(Cell::get)
 }
 
-/// `layer.forward(x)`, computed in the compute type and returned in f32 under mixed precision.
-pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+/// `layer.forward(x)` for `x` `[rows, d_in]`, computed in the compute type and returned in f32
+/// under mixed precision.
+pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let Some(half) = compute() else {
-        return layer.forward(x);
+        return super::host::linear(layer, x);
     };
     let weight = layer.weight.val().cast(half);
     let bias = layer.bias.as_ref().map(|b| b.val().cast(half));

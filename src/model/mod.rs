@@ -138,6 +138,8 @@ pub struct Backbone<B: Backend> {
     pub position_offset: usize,
     /// Rows of the segment table: segment ids are clamped below it.
     pub type_vocab: usize,
+    /// The LayerNorms' epsilon (see `Block::norm_eps`); not part of the record.
+    pub norm_eps: f64,
 }
 
 impl BackboneConfig {
@@ -180,6 +182,7 @@ impl BackboneConfig {
             causal: self.causal,
             position_offset: self.family.position_offset(),
             type_vocab: self.type_vocab,
+            norm_eps: self.norm_eps,
         }
     }
 
@@ -286,7 +289,7 @@ impl<B: Backend> Backbone<B> {
             x = x + segments;
         }
         if let Some(norm) = &self.embed_norm {
-            x = norm.forward(x);
+            x = host::layer_norm(norm, self.norm_eps, x);
         }
         x = dropout::forward(&self.dropout, x);
         // Keys that are padding are hidden from every query: [batch, 1, 1, seq] → [batch, heads, seq, seq].
@@ -307,7 +310,7 @@ impl<B: Backend> Backbone<B> {
             None => rows.keep(x.reshape([batch * seq, d])),
         };
         match &self.final_norm {
-            Some(norm) => norm.forward(x),
+            Some(norm) => host::layer_norm(norm, self.norm_eps, x),
             None => x,
         }
     }

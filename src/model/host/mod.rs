@@ -8,6 +8,9 @@
 //! - `heads`: attention's head split and merge, copied `d_head` values at a time;
 //! - `gelu`: GELU and its gradient, on every core, to the bit what the backend computes;
 //! - `attention`: attention's softmax and its gradient in one pass per row, on every core;
+//! - `layer_norm`: LayerNorm and its gradients in one pass per row, on every core;
+//! - `linear`: projections and their gradients, gemm writing into outputs nothing has cleared
+//!   or copied, the bias and its gradient on every core;
 //! - `log_probs`: the LM head's log-probabilities of its targets, in one pass per row, on every
 //!   core, without the `[rows, vocab]` log-softmax.
 //!
@@ -18,11 +21,15 @@
 mod attention;
 mod gelu;
 mod heads;
+mod layer_norm;
+mod linear;
 mod log_probs;
 
 pub use attention::attention;
 pub use gelu::gelu;
 pub use heads::{merge_heads, split_heads};
+pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use log_probs::target_log_probs;
 
 use std::any::{Any, TypeId};
@@ -52,10 +59,7 @@ fn on<B: Backend, T: Backend, const D: usize, const E: usize>(
     if TypeId::of::<B>() != TypeId::of::<T>() {
         return Err(x);
     }
-    let TensorPrimitive::Float(p) = x.into_primitive() else {
-        unreachable!("a float tensor of `T` is not quantized here")
-    };
-    let out = f(same::<_, FloatTensor<T>>(p).unwrap_or_else(|_| unreachable!("`B` is `T`")));
+    let out = f(primitive::<T, B, D>(x));
     let out = same::<_, FloatTensor<B>>(out).unwrap_or_else(|_| unreachable!("`T` is `B`"));
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
@@ -100,17 +104,40 @@ where
     S: Clone + Send + Debug + 'static,
     O: Backward<Cpu, 1, State = S>,
 {
+    let parent = t.clone();
+    tracked_by(op, [&parent], || forward(t.primitive))
+}
+
+/// `forward()` as an operation of burn's autodiff with `parents`, whose backward pass is `op`'s;
+/// `forward` returns the output and what the backward pass keeps of the step.
+fn tracked_by<S, O, const N: usize>(
+    op: O,
+    parents: [&FloatTensor<CpuTrain>; N],
+    forward: impl FnOnce() -> (FlexTensor, S),
+) -> FloatTensor<CpuTrain>
+where
+    S: Clone + Send + Debug + 'static,
+    O: Backward<Cpu, N, State = S>,
+{
     match op
-        .prepare::<NoCheckpointing>([t.node.clone()])
+        .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, state) = forward(t.primitive);
+            let (out, state) = forward();
             prep.finish(state, out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(t.primitive).0),
+        OpsKind::UnTracked(prep) => prep.finish(forward().0),
     }
+}
+
+/// `t`'s primitive as a `T`'s, where `B` is `T` (the caller has checked it).
+fn primitive<T: Backend, B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<T> {
+    let TensorPrimitive::Float(p) = t.into_primitive() else {
+        unreachable!("a float tensor of `T` is not quantized here")
+    };
+    same::<_, FloatTensor<T>>(p).unwrap_or_else(|_| unreachable!("`B` is `T`"))
 }
 
 /// Elements below which a map stays on the calling thread, and the fewest one task of the pool
@@ -140,14 +167,46 @@ fn zip_map(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> V
 
 /// `f(row, values)` for each row of `width` values of `out`, rows spread over rayon's pool.
 fn rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let mut none = vec![(); out.len().div_ceil(width.max(1))];
+    rows_and(out, width, &mut none, |r, v, _| f(r, v));
+}
+
+/// `f(row, values, extra)` for each row of `width` values of `out` and its value of `extra` (one a
+/// row), rows spread over rayon's pool.
+fn rows_and<T: Send>(
+    out: &mut [f32],
+    width: usize,
+    extra: &mut [T],
+    f: impl Fn(usize, &mut [f32], &mut T) + Sync + Send,
+) {
     let width = width.max(1);
+    debug_assert_eq!(out.len().div_ceil(width), extra.len());
     if out.len() < 2 * GRAIN {
-        out.chunks_mut(width).enumerate().for_each(|(r, v)| f(r, v));
+        out.chunks_mut(width)
+            .zip(extra)
+            .enumerate()
+            .for_each(|(r, (v, e))| f(r, v, e));
     } else {
         out.par_chunks_mut(width)
+            .zip(extra)
             .enumerate()
             .with_min_len(GRAIN.div_ceil(width))
-            .for_each(|(r, v)| f(r, v));
+            .for_each(|(r, (v, e))| f(r, v, e));
+    }
+}
+
+/// `f(first, sums)` for runs of `out`'s values (a value per column, `first` the run's first
+/// column), one run per thread of rayon's pool; `work` is the values `f` reads in all, which
+/// keeps small sums on the calling thread. For sums over rows kept in each column's order.
+fn columns(out: &mut [f32], work: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let threads = rayon::current_num_threads();
+    if work < 2 * GRAIN || threads < 2 {
+        f(0, out);
+    } else {
+        let width = out.len().div_ceil(threads).max(16);
+        out.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, sums)| f(i * width, sums));
     }
 }
 
