@@ -5,7 +5,8 @@
 //! element here; 7.5% of a length-batched MLM step), and then scales the product in a second
 //! pass. A thread that trains on the CPU draws its masks on the host instead: ChaCha8 in bulk,
 //! two bytes an element, compared with the keep probability in 65,536ths and written already
-//! scaled by `1 / keep` (about 1 ns an element, and one product fewer). On a GPU the mask is still
+//! scaled by `1 / keep` (about 1 ns an element, and one product fewer), runs of the stream drawn
+//! on every core. On a GPU the mask is still
 //! drawn on the device: a host mask would cross the bus at every dropout of every step.
 //!
 //! Both draws are seeded by [`seed`], which every training stage calls with its step's seed, so a
@@ -19,6 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 thread_local! {
     /// The host generator of the calling thread's masks; `None` where masks are drawn on the
@@ -85,23 +87,46 @@ pub fn mask<B: Backend, const D: usize, const E: usize>(
 }
 
 /// The values of a mask of `shape` drawn from `rng`: two bytes each, kept below `keep · 65,536`.
+///
+/// The bytes are the generator's stream in order, as one `fill_bytes` would draw them, but runs of
+/// them are drawn on rayon's pool: each run from a copy of the generator set to the run's word of
+/// the stream (ChaCha seeks), and the generator left after the last word, where one draw leaves it.
 fn host_mask(rng: &mut ChaCha8Rng, shape: &[usize], keep: f64) -> Vec<f32> {
     let n = shape.iter().product::<usize>();
     let threshold = (keep.clamp(0.0, 1.0) * 65_536.0).round() as u32;
     let scale = (1.0 / keep) as f32;
-    let mut bytes = vec![0u8; 2 * n];
-    rng.fill_bytes(&mut bytes);
-    bytes
-        .chunks_exact(2)
-        .map(|b| {
-            if u32::from(u16::from_le_bytes([b[0], b[1]])) < threshold {
+    let start = rng.get_word_pos();
+    let draw = |first: usize, values: &mut [f32]| {
+        let mut rng = rng.clone();
+        // Two values a word: `first` is even.
+        rng.set_word_pos(start + (first / 2) as u128);
+        let mut bytes = vec![0u8; 2 * values.len()];
+        rng.fill_bytes(&mut bytes);
+        for (v, b) in values.iter_mut().zip(bytes.chunks_exact(2)) {
+            *v = if u32::from(u16::from_le_bytes([b[0], b[1]])) < threshold {
                 scale
             } else {
                 0.0
-            }
-        })
-        .collect()
+            };
+        }
+    };
+    let mut values = vec![0.0f32; n];
+    if n <= MASK_RUN {
+        draw(0, &mut values);
+    } else {
+        values
+            .par_chunks_mut(MASK_RUN)
+            .enumerate()
+            .for_each(|(i, run)| draw(i * MASK_RUN, run));
+    }
+    // A draw of `2n` bytes takes whole words: `⌈n / 2⌉` of them.
+    rng.set_word_pos(start + n.div_ceil(2) as u128);
+    values
 }
+
+/// Mask values a task of the pool draws (even: two a word of the stream); masks of at most this
+/// many are drawn on the calling thread.
+const MASK_RUN: usize = 1 << 15;
 
 #[cfg(test)]
 mod tests {
@@ -126,6 +151,30 @@ mod tests {
             .collect();
         draw_on_host(false);
         masks
+    }
+
+    /// The masks drawn in runs on the pool are one `fill_bytes` of the stream, in order, and leave
+    /// the generator where that draw leaves it: masks of an odd size, of whole runs and of a part
+    /// run, drawn one after another.
+    #[test]
+    fn host_masks_are_the_stream_in_order() {
+        let sequential = |rng: &mut ChaCha8Rng, n: usize, keep: f64| -> Vec<f32> {
+            let threshold = (keep * 65_536.0).round() as u32;
+            let mut bytes = vec![0u8; 2 * n];
+            rng.fill_bytes(&mut bytes);
+            let scale = (1.0 / keep) as f32;
+            let value = |b: &[u8]| u32::from(u16::from_le_bytes([b[0], b[1]])) < threshold;
+            let v = |b: &[u8]| if value(b) { scale } else { 0.0 };
+            bytes.chunks_exact(2).map(v).collect()
+        };
+        let (mut pooled, mut one) = (ChaCha8Rng::seed_from_u64(5), ChaCha8Rng::seed_from_u64(5));
+        for n in [7, 3 * MASK_RUN + 5, 2 * MASK_RUN, 1, MASK_RUN + 1] {
+            let a = host_mask(&mut pooled, &[n], 0.9);
+            let b = sequential(&mut one, n, 0.9);
+            assert_eq!(a, b, "a mask of {n}");
+            assert_eq!(pooled.get_word_pos(), one.get_word_pos(), "after a mask of {n}");
+        }
+        assert!(pooled.next_u32() == one.next_u32());
     }
 
     #[test]
