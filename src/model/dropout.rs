@@ -172,7 +172,11 @@ mod tests {
             let a = host_mask(&mut pooled, &[n], 0.9);
             let b = sequential(&mut one, n, 0.9);
             assert_eq!(a, b, "a mask of {n}");
-            assert_eq!(pooled.get_word_pos(), one.get_word_pos(), "after a mask of {n}");
+            assert_eq!(
+                pooled.get_word_pos(),
+                one.get_word_pos(),
+                "after a mask of {n}"
+            );
         }
         assert!(pooled.next_u32() == one.next_u32());
     }

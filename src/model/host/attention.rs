@@ -5,9 +5,9 @@
 //! broadcast view it first copies element by element), the causal mask, the row maxima, their
 //! subtraction, `exp`, the row sums and the division; and its autodiff runs the gradient of each.
 //! In a bert-mini MLM step those were 30% of the training thread's samples, the pool idle
-//! meanwhile. Here the products are burn's, and the softmax between them is one operation: each
-//! row scaled, masked, shifted by its maximum, exponentiated and normalised in one pass, rows
-//! spread over rayon's pool; the backward pass computes `scale · p ⊙ (g − ⟨g, p⟩)` for each row,
+//! meanwhile. Here the products are burn's gemm calls (`matmul`), and the softmax between them
+//! is one operation: each row scaled, masked, shifted by its maximum, exponentiated and
+//! normalised in one pass, rows spread over rayon's pool; the backward pass computes `scale · p ⊙ (g − ⟨g, p⟩)` for each row,
 //! again in one pass.
 //!
 //! The expressions are burn's (`attention_fallback`): the maximum clamped to the least finite
@@ -25,6 +25,7 @@ use burn::tensor::module::attention_fallback;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Tensor, TensorData};
 
+use super::matmul::matmul;
 use super::{contiguous, cpu, on_cpu, on_host, rows, same, tracked};
 use crate::train::backend::Cpu;
 
@@ -51,7 +52,7 @@ pub fn attention<B: Backend>(
     let scale = options
         .scale
         .unwrap_or_else(|| 1.0 / (d_head as f64).sqrt()) as f32;
-    let scores = q.matmul(k.swap_dims(2, 3));
+    let scores = matmul(q, k.swap_dims(2, 3));
     let train = |t| {
         tracked(Softmax { scale }, t, |p| {
             let probs = forward(&p, &mask, scale);
@@ -60,7 +61,7 @@ pub fn attention<B: Backend>(
     };
     let probs = on_cpu::<B, 4, 4>(scores, train, |t| forward(&t, &mask, scale))
         .unwrap_or_else(|_| unreachable!("`B` is `Cpu` or `CpuTrain`, on the host"));
-    probs.matmul(v)
+    matmul(probs, v)
 }
 
 /// Where a row's keys are masked: the padding mask's bytes with their strides, and the causal

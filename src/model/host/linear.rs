@@ -4,9 +4,8 @@
 //! runtime's alignment before gemm writes it: two passes over every projection's output, and
 //! over each gradient's, on the training thread while the pool waits. Its bias is a broadcast sum
 //! and the bias gradient a sum over rows, on that thread too. In a bert-mini MLM step those were
-//! about a third of the training thread's samples (`perf`, per thread). Here gemm is called as
-//! the backend calls it (the same strides, the same threshold for the pool) but writes into a
-//! buffer nothing has cleared; the bias is added and its gradient summed on the pool, each column
+//! about a third of the training thread's samples (`perf`, per thread). Here the products are
+//! `matmul::product`'s, gemm writing into a buffer nothing has cleared; the bias is added and its gradient summed on the pool, each column
 //! in the backend's order. Every number is the backend's, to the bit. Tensors that are not f32
 //! matrices take the backend's functions.
 
@@ -18,8 +17,9 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, ModuleOps};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
+use super::matmul::{product, Matrix};
 use super::{columns, on_cpu, primitive, rows, tracked_by};
 use crate::train::backend::{Cpu, CpuTrain};
 
@@ -130,97 +130,6 @@ impl<const N: usize> Backward<Cpu, N> for Project {
     }
 }
 
-/// A 2-d f32 tensor as gemm reads it: its values from its first, and its strides.
-struct Matrix<'a> {
-    values: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl<'a> Matrix<'a> {
-    /// `t` as a matrix; `None` where it is not a 2-d f32 tensor with strides of at least zero.
-    fn of(t: &'a FlexTensor) -> Option<Self> {
-        let layout = t.layout();
-        let (shape, strides) = (layout.shape(), layout.strides());
-        if t.dtype() != DType::F32 || shape.num_dims() != 2 || strides.iter().any(|&s| s < 0) {
-            return None;
-        }
-        let values = t.storage::<f32>().get(layout.start_offset()..)?;
-        let (rows, cols) = (shape[0], shape[1]);
-        // The last value gemm reads lies inside the storage.
-        let last = (rows.saturating_sub(1) * strides[0] as usize)
-            + (cols.saturating_sub(1) * strides[1] as usize);
-        (rows * cols == 0 || last < values.len()).then_some(Self {
-            values,
-            rows,
-            cols,
-            row_stride: strides[0],
-            col_stride: strides[1],
-        })
-    }
-
-    /// The transpose: the same values, strides swapped.
-    fn t(&self) -> Self {
-        Self {
-            values: self.values,
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-        }
-    }
-}
-
-/// Products below this many multiply-adds stay on the calling thread: the backend's threshold.
-const POOL_PRODUCT: usize = 192 * 192 * 192;
-
-/// `lhs · rhs` (`[m, k] · [k, n]`), row-major `[m, n]`, by the gemm call the backend makes.
-fn product(lhs: &Matrix, rhs: &Matrix) -> Vec<f32> {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(k, rhs.rows, "a product's inner dimensions");
-    let len = m * n;
-    if len == 0 {
-        return Vec::new();
-    }
-    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= POOL_PRODUCT {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    let mut out = Vec::<f32>::with_capacity(len);
-    // SAFETY: `Matrix::of` checked that every value gemm reads of `lhs` and `rhs` lies in their
-    // slices; `out` has room for the `m · n` values written with row stride `n`. With `read_dst`
-    // false, gemm writes each value of `out` (zeros where `k` is 0) and reads none it has not
-    // written, so every value is set when the length is.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.values.as_ptr(),
-            lhs.col_stride,
-            lhs.row_stride,
-            rhs.values.as_ptr(),
-            rhs.col_stride,
-            rhs.row_stride,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-        out.set_len(len);
-    }
-    out
-}
-
 /// Row-major `values` as a `[rows, cols]` tensor.
 fn matrix(values: Vec<f32>, rows: usize, cols: usize) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, [rows, cols]))
@@ -232,9 +141,8 @@ fn column_sums(g: &Matrix) -> Vec<f32> {
     let mut out = vec![0.0f32; g.cols];
     columns(&mut out, g.rows * g.cols, |first, sums| {
         for r in 0..g.rows {
-            let row = r as isize * g.row_stride;
             for (c, s) in sums.iter_mut().enumerate() {
-                *s += g.values[(row + (first + c) as isize * g.col_stride) as usize];
+                *s += g.at(r, first + c);
             }
         }
     });

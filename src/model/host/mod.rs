@@ -11,6 +11,8 @@
 //! - `layer_norm`: LayerNorm and its gradients in one pass per row, on every core;
 //! - `linear`: projections and their gradients, gemm writing into outputs nothing has cleared
 //!   or copied, the bias and its gradient on every core;
+//! - `matmul`: attention's batched products and their gradients, gemm writing into outputs
+//!   nothing has cleared or copied;
 //! - `log_probs`: the LM head's log-probabilities of its targets, in one pass per row, on every
 //!   core, without the `[rows, vocab]` log-softmax.
 //!
@@ -24,6 +26,7 @@ mod heads;
 mod layer_norm;
 mod linear;
 mod log_probs;
+mod matmul;
 
 pub use attention::attention;
 pub use gelu::gelu;
