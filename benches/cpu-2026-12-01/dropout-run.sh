@@ -1,0 +1,13 @@
+# dropout's masks drawn on the pool: /tmp/xrun-ln built from c25b3de, /tmp/xrun-do from 0d0bed5.
+set -u
+cd /work/main
+A="--steps 10 --warmup 2 --batch 32 --seq 128"
+R=/tmp/r23
+for round in 1 2; do
+  for shape in bert-mini bert-small; do
+    for b in ln do; do
+      /usr/bin/time -f "$b $shape %e s %P %M KB" /tmp/xrun-$b bench --backend cpu --shape $shape $A >> $R/bench-$b.jsonl 2>> $R/bench-time.txt
+    done
+  done
+done
+echo done > $R/done
