@@ -72,6 +72,7 @@ impl Backward<Cpu, 1> for Gelu {
 
 #[cfg(test)]
 mod tests {
+    use super::super::bits;
     use super::*;
     use crate::train::backend::CpuTrain;
     use burn::tensor::Distribution;
@@ -84,10 +85,6 @@ mod tests {
         let _rng = crate::model::rng_lock();
         let device = Default::default();
         CpuTrain::seed(&device, 5);
-        let bits = |t: Tensor<CpuTrain, 2>| -> Vec<u32> {
-            let values = t.into_data().to_vec::<f32>().unwrap_or_default();
-            values.iter().map(|v| v.to_bits()).collect()
-        };
         for [rows, cols] in [[3, 7], [96, 1024]] {
             let input = Tensor::<CpuTrain, 2>::random(
                 [rows, cols],
@@ -106,10 +103,7 @@ mod tests {
                 let loss = (y.clone() * weights.clone()).sum();
                 let grads = loss.backward();
                 crate::model::mixed::set_host(false);
-                let grad = x.grad(&grads).map(|g| {
-                    let values = g.into_data().to_vec::<f32>().unwrap_or_default();
-                    values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                });
+                let grad = x.grad(&grads).map(bits);
                 let eval = Tensor::<CpuTrain, 2>::from_inner(eval);
                 (bits(y), bits(t), bits(eval), grad)
             };

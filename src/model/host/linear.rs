@@ -151,6 +151,7 @@ fn column_sums(g: &Matrix) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::bits;
     use super::*;
     use burn::module::{AutodiffModule, Module};
     use burn::nn::LinearConfig;
@@ -164,16 +165,6 @@ mod tests {
         let _rng = crate::model::rng_lock();
         let device = Default::default();
         CpuTrain::seed(&device, 11);
-        let bits = |t: Tensor<CpuTrain, 2>| -> Vec<u32> {
-            let values = t.into_data().to_vec::<f32>().unwrap_or_default();
-            values.iter().map(|v| v.to_bits()).collect()
-        };
-        let grad_bits = |g: Option<Tensor<Cpu, 2>>| {
-            g.map(|g| {
-                let values = g.into_data().to_vec::<f32>().unwrap_or_default();
-                values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            })
-        };
         for [rows, d_in, d_out] in [[5, 3, 4], [600, 256, 192]] {
             for bias in [true, false] {
                 let layer = LinearConfig::new(d_in, d_out)
@@ -200,18 +191,15 @@ mod tests {
                             + (yt.clone() * weights.clone()).sum();
                         let grads = loss.backward();
                         crate::model::mixed::set_host(false);
-                        let w = grad_bits(layer.weight.grad(&grads));
-                        let b = layer.bias.as_ref().and_then(|b| b.grad(&grads)).map(|g| {
-                            let v = g.into_data().to_vec::<f32>().unwrap_or_default();
-                            v.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                        });
+                        let w = layer.weight.grad(&grads).map(bits);
+                        let b = layer.bias.as_ref().and_then(|b| b.grad(&grads)).map(bits);
                         let eval = Tensor::<CpuTrain, 2>::from_inner(eval);
                         (
                             bits(y),
                             bits(yt),
                             bits(eval),
-                            grad_bits(x.grad(&grads)),
-                            grad_bits(t.grad(&grads)),
+                            x.grad(&grads).map(bits),
+                            t.grad(&grads).map(bits),
                             w,
                             b,
                         )

@@ -285,6 +285,7 @@ impl Backward<Cpu, 2> for Product {
 
 #[cfg(test)]
 mod tests {
+    use super::super::bits;
     use super::*;
     use burn::tensor::Distribution;
 
@@ -297,16 +298,6 @@ mod tests {
         let _rng = crate::model::rng_lock();
         let device = Default::default();
         CpuTrain::seed(&device, 17);
-        let bits = |t: Tensor<CpuTrain, 4>| -> Vec<u32> {
-            let values = t.into_data().to_vec::<f32>().unwrap_or_default();
-            values.iter().map(|v| v.to_bits()).collect()
-        };
-        let grad_bits = |g: Option<Tensor<Cpu, 4>>| {
-            g.map(|g| {
-                let values = g.into_data().to_vec::<f32>().unwrap_or_default();
-                values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            })
-        };
         for [outer, inner, m, k, n] in [[1, 2, 3, 4, 5], [8, 4, 64, 16, 64], [1, 2, 200, 256, 200]]
         {
             let random = |dims: [usize; 4]| {
@@ -329,7 +320,7 @@ mod tests {
                 crate::model::mixed::set_host(false);
                 let eval = Tensor::<CpuTrain, 4>::from_inner(eval);
                 let outputs = [out, views, eval].map(bits);
-                let grads = [x.grad(&grads), y.grad(&grads), s.grad(&grads)].map(grad_bits);
+                let grads = [x.grad(&grads), y.grad(&grads), s.grad(&grads)].map(|g| g.map(bits));
                 (outputs, grads)
             };
             let (host, burn) = (run(true), run(false));

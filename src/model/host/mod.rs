@@ -223,6 +223,13 @@ fn contiguous(t: &FlexTensor) -> FlexTensor {
     }
 }
 
+/// The bits of `t`'s f32 values, to compare two computations to the bit.
+#[cfg(test)]
+fn bits<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<u32> {
+    let values = t.into_data().to_vec::<f32>().unwrap_or_default();
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
 /// Asserts that `host` holds as many values as `burn`, some, all finite, each within 1e-5 of the
 /// largest of `burn`'s magnitudes (or of 1): the same numbers to rounding.
 #[cfg(test)]
