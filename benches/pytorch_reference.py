@@ -11,7 +11,13 @@ every real position (AR), as xrun's does, and the last layer computes past atten
 those positions, as xrun's has since 2026-11-30 (before, both computed every position there).
 AdamW (lr 1e-4, weight decay 0.01, clip norm 1.0), the losses read back every 16 steps, as xrun's
 loop does. Sequences are random ids with lengths uniform in [min_len, seq], each batch padded to
-its longest. Precision: f32 (eager), or bf16 autocast on
+its longest; with `--lengths-from FILE` (the JSON lines of `xrun bench`) each step's batch has the
+lengths xrun's had for that shape, so both train the same shapes of batches:
+
+    xrun bench --backend cpu --shape bert-mini > xrun.jsonl
+    python benches/pytorch_reference.py --device cpu --shape bert-mini --lengths-from xrun.jsonl
+
+Precision: f32 (eager), or bf16 autocast on
 CUDA. `step_ms` is the mean over the measured steps (after the warm-up).
 """
 
@@ -96,8 +102,28 @@ def sequences(n, args, rng):
     out = []
     for _ in range(n):
         length = rng.randint(max(args.min_len, 3), args.seq)
-        out.append([CLS] + [rng.randrange(5, args.vocab) for _ in range(length - 2)] + [SEP])
+        out.append(sequence(length, args, rng))
     return out
+
+
+def sequence(length, args, rng):
+    return [CLS] + [rng.randrange(5, args.vocab) for _ in range(length - 2)] + [SEP]
+
+
+def replayed(name, args):
+    """Each step's sequence lengths from xrun's figures for `name` in `args.lengths_from`."""
+    with open(args.lengths_from) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    found = [line for line in lines if line.get("shape") == name and "batch_lengths" in line]
+    if not found:
+        raise SystemExit(f"{args.lengths_from}: no `xrun bench` line with batch_lengths for {name}")
+    steps = found[-1]["batch_lengths"]
+    total = args.warmup + args.steps
+    if len(steps) < total:
+        raise SystemExit(f"{args.lengths_from}: {name} has {len(steps)} steps' lengths; --warmup + --steps is {total}")
+    if any(n < 3 or n > args.seq for lengths in steps for n in lengths):
+        raise SystemExit(f"{args.lengths_from}: {name} has a length outside 3..={args.seq} (--seq)")
+    return steps[:total]
 
 
 def batch(seqs, causal, rng):
@@ -127,10 +153,14 @@ def run(name, args):
     rng = random.Random(args.seed)
     device = torch.device(args.device)
     total = args.warmup + args.steps
-    seqs = sequences(total * args.batch, args, rng)
+    if args.lengths_from:
+        steps = [[sequence(n, args, rng) for n in lengths] for lengths in replayed(name, args)]
+    else:
+        seqs = sequences(total * args.batch, args, rng)
+        steps = [seqs[i * args.batch:(i + 1) * args.batch] for i in range(total)]
     prepared = []
     for i in range(total):
-        ids, pad, positions, targets, real, padded = batch(seqs[i * args.batch:(i + 1) * args.batch], causal, rng)
+        ids, pad, positions, targets, real, padded = batch(steps[i], causal, rng)
         prepared.append((
             torch.tensor(ids, device=device), torch.tensor(pad, device=device),
             torch.tensor(positions, device=device), torch.tensor(targets, device=device), real, padded,
@@ -202,6 +232,7 @@ def main():
     p.add_argument("--vocab", type=int, default=21128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--read-every", type=int, default=16, help="read the losses back every N steps")
+    p.add_argument("--lengths-from", metavar="FILE", help="replay each step's sequence lengths from `xrun bench`'s JSON lines")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     if args.warmup < 1:

@@ -142,6 +142,9 @@ pub struct Figures {
     pub effective_tokens_per_s: f64,
     /// The process's peak resident memory (VmHWM), MiB: the CPU backend's memory.
     pub peak_rss_mib: Option<f64>,
+    /// The lengths of each step's sequences, in the order trained (the warm-up's first):
+    /// `benches/pytorch_reference.py --lengths-from` replays them, so both train the same batches.
+    pub batch_lengths: Vec<Vec<usize>>,
     /// GPU backends: the device memory burn's pools reserved for this shape, MiB (their pages,
     /// freed before the shape and kept until its runs end, so its peak; the runtime's context is
     /// not counted). None on the CPU.
@@ -294,7 +297,12 @@ fn bench_shape<B: AutodiffBackend>(
         let longest = lens.iter().copied().max().unwrap_or(0);
         (rows.len() * longest, lens.iter().sum::<usize>())
     };
-    let window = &batches[a.warmup.min(batches.len())..total.min(batches.len())];
+    let trained = &batches[..total.min(batches.len())];
+    let window = &trained[a.warmup.min(trained.len())..];
+    let batch_lengths = trained
+        .iter()
+        .map(|rows| rows.iter().map(|&r| train[r].len()).collect())
+        .collect();
     let (padded, effective) = window
         .iter()
         .map(tokens)
@@ -324,6 +332,7 @@ fn bench_shape<B: AutodiffBackend>(
         tokens_per_s: padded as f64 / seconds,
         effective_tokens_per_s: effective as f64 / seconds,
         peak_rss_mib: peak_rss_mib(),
+        batch_lengths,
         device_memory_mib,
     })
 }

@@ -2025,6 +2025,16 @@ fn bench_reports_throughput_and_length_batching_cuts_padding() {
         // Device memory is the GPU backends' figure; the CPU's is the resident memory.
         assert!(f["device_memory_mib"].is_null(), "{f}");
         assert!(f["peak_rss_mib"].as_f64().unwrap() > 0.0, "{f}");
+        // Each step's lengths, warm-up and measured steps, for the PyTorch side to replay.
+        let steps = f["batch_lengths"].as_array().unwrap();
+        assert_eq!(steps.len(), 5, "{f}");
+        for lengths in steps {
+            let lengths = lengths.as_array().unwrap();
+            assert_eq!(lengths.len(), 8, "{f}");
+            assert!(lengths
+                .iter()
+                .all(|n| (8..=48).contains(&n.as_u64().unwrap())));
+        }
     }
     let share = |f: &serde_json::Value| {
         f["effective_tokens_per_s"].as_f64().unwrap() / f["tokens_per_s"].as_f64().unwrap()
