@@ -6,8 +6,8 @@
 //! pass. A thread that trains on the CPU draws its masks on the host instead: ChaCha8 in bulk,
 //! two bytes an element, compared with the keep probability in 65,536ths and written already
 //! scaled by `1 / keep` (about 1 ns an element, and one product fewer), runs of the stream drawn
-//! on every core. On a GPU the mask is still
-//! drawn on the device: a host mask would cross the bus at every dropout of every step.
+//! on every core. On a GPU the mask is still drawn on the device: a host mask would cross the bus
+//! at every dropout of every step.
 //!
 //! Both draws are seeded by [`seed`], which every training stage calls with its step's seed, so a
 //! seed gives the same masks on a backend, run after run and after a resume. The two draws are not

@@ -7,8 +7,8 @@
 //! In a bert-mini MLM step those were 30% of the training thread's samples, the pool idle
 //! meanwhile. Here the products are burn's gemm calls (`matmul`), and the softmax between them
 //! is one operation: each row scaled, masked, shifted by its maximum, exponentiated and
-//! normalised in one pass, rows spread over rayon's pool; the backward pass computes `scale · p ⊙ (g − ⟨g, p⟩)` for each row,
-//! again in one pass.
+//! normalised in one pass, rows spread over rayon's pool; the backward pass computes
+//! `scale · p ⊙ (g − ⟨g, p⟩)` for each row, again in one pass.
 //!
 //! The expressions are burn's (`attention_fallback`): the maximum clamped to the least finite
 //! value and the sum to the least positive normal, so a row whose keys are all masked gives zeros,

@@ -22,7 +22,7 @@ use burn::module::Param;
 use burn::nn::LayerNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, ModuleOps};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 use super::{columns, contiguous, on_cpu, primitive, rows_and, tracked_by};
 use crate::train::backend::{Cpu, CpuTrain};
@@ -65,15 +65,20 @@ fn tracked(
     }
 }
 
-/// What the backward pass reads.
+/// What the backward pass reads: the input and each row's mean and `σ`, from which it computes
+/// `x̂` again as the forward pass did.
 #[derive(Clone, Debug)]
 struct State {
-    /// `x̂ = (x − mean) / σ` of each row, `[rows, d]` row-major.
-    normed: Arc<Vec<f32>>,
-    /// `σ = √(var + ε)` of each row.
-    sigma: Arc<Vec<f32>>,
+    /// The input, contiguous.
+    x: FlexTensor,
+    /// `(mean, σ = √(var + ε))` of each row.
+    stats: Arc<Vec<(f32, f32)>>,
     gamma: FlexTensor,
-    shape: burn::tensor::Shape,
+}
+
+/// `x̂` of a value `v` of a row with `mean` and `sigma`: burn's `(x − mean) / σ`.
+fn normed(v: f32, mean: f32, sigma: f32) -> f32 {
+    (v - mean) / sigma
 }
 
 /// The output and what the backward pass reads; `None` where `x`, `gamma` or `beta` is not f32
@@ -85,7 +90,7 @@ fn forward(
     eps: f32,
 ) -> Option<(FlexTensor, State)> {
     let shape = x.layout().shape().clone();
-    let d = *shape.last()?;
+    let d = *shape.last().filter(|&&d| d > 0)?;
     let x = contiguous(x);
     let values = x.as_slice::<f32>()?;
     let scale = gamma.as_slice::<f32>().filter(|g| g.len() == d)?;
@@ -93,27 +98,16 @@ fn forward(
         Some(b) => Some(b.as_slice::<f32>().filter(|b| b.len() == d)?),
         None => None,
     };
-    if d == 0 || x.dtype() != DType::F32 {
-        return None;
-    }
-    let n = values.len() / d;
-    let mut normed = vec![0.0f32; values.len()];
-    let mut sigma = vec![0.0f32; n];
     let mut out = vec![0.0f32; values.len()];
+    let mut stats = vec![(0.0f32, 0.0f32); values.len() / d];
     let inv = 1.0 / d as f32;
-    rows_and(&mut normed, d, &mut sigma, |r, row, s| {
+    rows_and(&mut out, d, &mut stats, |r, row, (mean, sigma)| {
         let x = &values[r * d..(r + 1) * d];
-        let mean = x.iter().sum::<f32>() * inv;
-        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() * inv;
-        *s = (var + eps).sqrt();
-        for (o, v) in row.iter_mut().zip(x) {
-            *o = (v - mean) / *s;
-        }
-    });
-    super::rows(&mut out, d, |r, row| {
-        let normed = &normed[r * d..(r + 1) * d];
-        for (j, (o, v)) in row.iter_mut().zip(normed).enumerate() {
-            let y = v * scale[j];
+        *mean = x.iter().sum::<f32>() * inv;
+        let var = x.iter().map(|v| (v - *mean) * (v - *mean)).sum::<f32>() * inv;
+        *sigma = (var + eps).sqrt();
+        for (j, (o, &v)) in row.iter_mut().zip(x).enumerate() {
+            let y = normed(v, *mean, *sigma) * scale[j];
             *o = match shift {
                 Some(b) => y + b[j],
                 None => y,
@@ -121,10 +115,9 @@ fn forward(
         }
     });
     let state = State {
-        normed: Arc::new(normed),
-        sigma: Arc::new(sigma),
+        x,
+        stats: Arc::new(stats),
         gamma: gamma.clone(),
-        shape: shape.clone(),
     };
     Some((FlexTensor::from_data(TensorData::new(out, shape)), state))
 }
@@ -137,50 +130,55 @@ impl<const N: usize> Backward<Cpu, N> for Norm {
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Cpu>(&ops.node);
-        let state = ops.state;
+        let State { x, stats, gamma } = ops.state;
         let mut parents = ops.parents.into_iter();
-        let (x, gamma, beta) = (parents.next(), parents.next(), parents.next());
+        let (node_x, node_gamma, node_beta) = (parents.next(), parents.next(), parents.next());
+        let shape = x.layout().shape().clone();
+        let values: &[f32] = x.storage();
         let grad = contiguous(&grad);
-        let g: &[f32] = &grad.storage()[..state.normed.len()];
-        let normed = &state.normed[..];
-        let d = *state.shape.last().unwrap_or(&1);
-        let scale: &[f32] = &state.gamma.as_slice::<f32>().unwrap_or_default()[..d];
-        if let Some(Some(node)) = x {
-            let mut dx = vec![0.0f32; normed.len()];
+        let g: &[f32] = &grad.storage()[..values.len()];
+        let scale: &[f32] = gamma.storage();
+        let d = scale.len();
+        if let Some(Some(node)) = node_x {
+            let mut dx = vec![0.0f32; values.len()];
             let inv = 1.0 / d as f32;
             super::rows(&mut dx, d, |r, row| {
-                let (g, xh) = (&g[r * d..(r + 1) * d], &normed[r * d..(r + 1) * d]);
+                let (g, x) = (&g[r * d..(r + 1) * d], &values[r * d..(r + 1) * d]);
+                let (mean, sigma) = stats[r];
                 let (mut a, mut b) = (0.0f32, 0.0f32);
                 for j in 0..d {
                     let gh = g[j] * scale[j];
                     a += gh;
-                    b += gh * xh[j];
+                    b += gh * normed(x[j], mean, sigma);
                 }
-                let (a, b, s) = (a * inv, b * inv, state.sigma[r]);
+                let (a, b) = (a * inv, b * inv);
                 for j in 0..d {
-                    row[j] = (g[j] * scale[j] - a - xh[j] * b) / s;
+                    row[j] = (g[j] * scale[j] - a - normed(x[j], mean, sigma) * b) / sigma;
                 }
             });
-            let dx = FlexTensor::from_data(TensorData::new(dx, state.shape.clone()));
-            grads.register::<Cpu>(node.id, dx);
+            grads.register::<Cpu>(node.id, FlexTensor::from_data(TensorData::new(dx, shape)));
         }
         let sums = |weighted: bool| {
             let mut out = vec![0.0f32; d];
-            columns(&mut out, normed.len(), |first, sums| {
-                for r in 0..normed.len() / d {
+            columns(&mut out, values.len(), |first, sums| {
+                for (r, &(mean, sigma)) in stats.iter().enumerate() {
                     let at = r * d + first;
-                    let (g, xh) = (&g[at..at + sums.len()], &normed[at..at + sums.len()]);
+                    let (g, x) = (&g[at..at + sums.len()], &values[at..at + sums.len()]);
                     for (c, s) in sums.iter_mut().enumerate() {
-                        *s += if weighted { g[c] * xh[c] } else { g[c] };
+                        *s += if weighted {
+                            g[c] * normed(x[c], mean, sigma)
+                        } else {
+                            g[c]
+                        };
                     }
                 }
             });
             FlexTensor::from_data(TensorData::new(out, [d]))
         };
-        if let Some(Some(node)) = gamma {
+        if let Some(Some(node)) = node_gamma {
             grads.register::<Cpu>(node.id, sums(true));
         }
-        if let Some(Some(node)) = beta {
+        if let Some(Some(node)) = node_beta {
             grads.register::<Cpu>(node.id, sums(false));
         }
     }

@@ -5,9 +5,9 @@
 //! over each gradient's, on the training thread while the pool waits. Its bias is a broadcast sum
 //! and the bias gradient a sum over rows, on that thread too. In a bert-mini MLM step those were
 //! about a third of the training thread's samples (`perf`, per thread). Here the products are
-//! `matmul::product`'s, gemm writing into a buffer nothing has cleared; the bias is added and its gradient summed on the pool, each column
-//! in the backend's order. Every number is the backend's, to the bit. Tensors that are not f32
-//! matrices take the backend's functions.
+//! `matmul::product`'s, gemm writing into a buffer nothing has cleared; the bias is added and its
+//! gradient summed on the pool, each column in the backend's order. Every number is the
+//! backend's, to the bit. Tensors that are not f32 matrices take the backend's functions.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
