@@ -8,8 +8,9 @@
 # is left of the budget, and whatever did not fit is listed as skipped in the output:
 #   1. per shape (bert-base first, the goal shape): xrun f32 with a cold cache (autotune and
 #      kernel compilation), xrun f32 again with the caches warm (time to first step: goal 3),
-#      PyTorch eager f32 and bf16 autocast (goal 1), xrun bf16-mixed (autocast's split: bf16
-#      products, f32 weights; cold, as its kernels tune apart), then xrun pure bf16;
+#      PyTorch eager f32 and bf16 autocast on xrun's batch lengths (goal 1), xrun bf16-mixed
+#      (autocast's split: bf16 products, f32 weights; cold, as its kernels tune apart), then xrun
+#      pure bf16;
 #   2. with E2E=1, instead of the benchmarks: the end-to-end comparison (goal 2), the headline
 #      pipeline in PyTorch + transformers, then in xrun from empty caches, then in xrun again on
 #      the GPU caches the first xrun run left (run it as its own call);
@@ -25,7 +26,7 @@
 #   E2E=1 JOBS=4 BUDGET=600 bash benches/gpu.sh             # xrun runs 4 trials at once (--jobs)
 #   PROFILE=1 SHAPES=bert-base BUDGET=300 bash benches/gpu.sh  # where xrun's step time goes
 # BACKEND (default cuda) and SIZES (the size options of every bench run) exist to try the script
-# on wgpu without a GPU.
+# on wgpu or the CPU without a GPU; PyTorch runs on the CPU then.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 XRUN=${XRUN:-target/release/xrun}
@@ -37,6 +38,7 @@ DEADLINE=$((SECONDS + ${BUDGET:-540}))
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 BACKEND=${BACKEND:-cuda}
+device=cuda; [ "$BACKEND" = cuda ] || device=cpu
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 
 # Runs "$@" with a timeout of at most $1 seconds and what is left of the budget; records a JSON
@@ -65,7 +67,6 @@ if [ "${E2E:-0}" = 1 ]; then
   # how far it got.
   objectives=${OBJECTIVES:-none,mlm}
   grid=\"${objectives//,/\",\"}\"
-  device=cuda; [ "$BACKEND" = cuda ] || device=cpu
   left=$((DEADLINE - SECONDS)); [ "$left" -gt 300 ] && left=300
   /usr/bin/time -f "pytorch wall %e s" timeout "$left" "$PY" benches/e2e_hf.py --objectives "$objectives" \
     --device "$device" --data-root "${XRUN_DATA_ROOT:-../shared/data}" > "$OUT/e2e-hf.jsonl" 2> "$OUT/e2e-hf.log"
@@ -113,8 +114,15 @@ xrun_bench() { # SHAPE PASS PRECISION
     "$XRUN" bench --backend "$BACKEND" --precision "$3" --shape "$1" "${common[@]}" --cache-dir "$OUT/cache"
 }
 torch_bench() { # SHAPE PRECISION
-  capped 120 "pytorch $1 $2" "torch-$1.log" \
-    "$PY" benches/pytorch_reference.py --device cuda --precision "$2" --shape "$1" "${common[@]}"
+  # The same batches as xrun's last run of the shape (its `batch_lengths`), where one ran: the
+  # two then train the same lengths, so effective tokens/s compare speed, not padding.
+  local replay=() label="pytorch $1 $2"
+  if grep -q "\"shape\":\"$1\".*\"batch_lengths\"" "$OUT/bench.jsonl" 2>/dev/null; then
+    replay=(--lengths-from "$OUT/bench.jsonl")
+    label="$label (on the lengths of xrun's last run)"
+  fi
+  capped 120 "$label" "torch-$1.log" \
+    "$PY" benches/pytorch_reference.py --device "$device" --precision "$2" --shape "$1" "${common[@]}" "${replay[@]}"
 }
 for shape in $SHAPES; do
   xrun_bench "$shape" cold f32
