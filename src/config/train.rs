@@ -47,7 +47,8 @@ pub struct OptimSection {
     /// Fraction of the total steps spent warming up (default 0.06).
     pub warmup_fraction: Option<f64>,
     pub schedule: Option<Schedule>,
-    /// Clip the global gradient norm to this value; 0 turns clipping off.
+    /// Clip each parameter tensor's gradient to this L2 norm (burn's `Norm` clipping, per tensor,
+    /// not the global norm of PyTorch's `clip_grad_norm_`); 0 turns clipping off.
     pub clip_norm: Option<f64>,
 }
 
