@@ -134,10 +134,12 @@ impl<const N: usize> Backward<Cpu, N> for Norm {
         let mut parents = ops.parents.into_iter();
         let (node_x, node_gamma, node_beta) = (parents.next(), parents.next(), parents.next());
         let shape = x.layout().shape().clone();
-        let values: &[f32] = x.storage();
+        // `x` starts its buffer (`contiguous`), which may hold more than `x`: a view of the first
+        // rows of a larger tensor. `gamma` is read as the forward pass read it, `d` values.
+        let values: &[f32] = &x.storage()[..shape.num_elements()];
         let grad = contiguous(&grad);
         let g: &[f32] = &grad.storage()[..values.len()];
-        let scale: &[f32] = gamma.storage();
+        let scale: &[f32] = gamma.as_slice().unwrap_or_default();
         let d = scale.len();
         if let Some(Some(node)) = node_x {
             let mut dx = vec![0.0f32; values.len()];
@@ -193,9 +195,9 @@ mod tests {
     use burn::tensor::Distribution;
 
     /// LayerNorm here gives burn's output and gradients (input, scale, shift) to rounding: on
-    /// rows few enough for the calling thread and many enough for the pool, on a 3-d input and a
-    /// transposed view, with BERT's epsilon and xrun's, with trained (not unit) scale and shift,
-    /// with the module frozen, and outside autodiff.
+    /// rows few enough for the calling thread and many enough for the pool, on a 3-d input, a
+    /// transposed view and a view of the first rows, with BERT's epsilon and xrun's, with trained
+    /// (not unit) scale and shift, with the module frozen, and outside autodiff.
     #[test]
     fn layer_norm_and_its_gradients_are_burns() {
         let _rng = crate::model::rng_lock();
@@ -239,13 +241,16 @@ mod tests {
                         .reshape([rows, d]);
                     let t = input.clone().transpose().require_grad();
                     let yt = layer_norm(&norm, eps, t.clone().transpose());
+                    // The first half of the rows: a view at offset 0 of a larger buffer.
+                    let head = layer_norm(&norm, eps, x.clone().slice(0..rows / 2));
                     let eval = layer_norm(&norm.valid(), eps, input.clone().inner());
                     let loss = (y.clone() * weights.clone()).sum()
                         + (three.clone() * weights.clone()).sum()
-                        + (yt.clone() * weights.clone()).sum();
+                        + (yt.clone() * weights.clone()).sum()
+                        + (head.clone() * weights.clone().slice(0..rows / 2)).sum();
                     let grads = loss.backward();
                     crate::model::mixed::set_host(false);
-                    let outputs = [y, three, yt, Tensor::from_inner(eval)].map(values);
+                    let outputs = [y, three, yt, Tensor::from_inner(eval), head].map(values);
                     let g = norm.gamma.grad(&grads);
                     let b = norm.beta.as_ref().and_then(|b| b.grad(&grads));
                     let grads = [
@@ -258,8 +263,9 @@ mod tests {
                 };
                 let (host, burn) = (run(true), run(false));
                 let case = format!("[{rows}, {d}], ε {eps}, frozen {frozen}");
-                for (h, b) in host.0.iter().zip(&burn.0) {
-                    assert_eq!(h.len(), rows * d, "{case}");
+                let lengths = [rows * d, rows * d, rows * d, rows * d, rows / 2 * d];
+                for ((h, b), n) in host.0.iter().zip(&burn.0).zip(lengths) {
+                    assert_eq!(h.len(), n, "{case}");
                     assert_close(h, b, &case);
                 }
                 for (i, (h, b)) in host.1.iter().zip(&burn.1).enumerate() {
